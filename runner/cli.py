@@ -1,0 +1,159 @@
+"""`python -m runner`: argument parsing, the event stream, signals and exit statuses.
+
+stdout is reserved for JSON-lines events: the real stdout is kept for them and file
+descriptor 1 is pointed at stderr, so a library that prints cannot corrupt the stream.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+from runner.events import (
+    EXIT_CANCELLED, EXIT_GENERATION, EXIT_OK, Cancelled, EventStream, RunnerError, bad_input,
+)
+from runner.tracks import TRACKS
+
+DEFAULT_CHECKPOINTS = "./checkpoints"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as a `bad_arguments` event instead of exiting on its own."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's signature
+        raise bad_input("bad_arguments", f"{message}. Run `python -m runner {self.prog.split()[-1]} --help` for usage.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ
+    parser = _Parser(prog="python -m runner", description="ACE-Step 1.5 lego stem generation, one job per process.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    lego = sub.add_parser("lego", help="generate a stem that fits a source stem",
+                          description="Generate a vocals, backing vocals or drums stem that fits SRC. Events on stdout, progress on stderr.")
+    lego.add_argument("--source", required=True, type=Path, help="source audio (WAV, FLAC, OGG, MP3; M4A/AAC with ffmpeg)")
+    lego.add_argument("--track", required=True, choices=TRACKS)
+    lego.add_argument("--bpm", required=True, type=int, help="tempo of the source, 30..300")
+    lego.add_argument("--key", help='key and scale, e.g. "F# minor"')
+    lego.add_argument("--caption", help="style caption; default: the track's own")
+    lego.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    lego.add_argument("--batch-size", type=int, default=1, choices=(1, 2), help="candidates to write (1 or 2)")
+    lego.add_argument("--seed", type=int, help="random seed (default: random, reported in the result)")
+    lego.add_argument("--repaint-start", type=float, default=0.0, help="window start in seconds (default 0)")
+    lego.add_argument("--repaint-end", type=float, default=-1.0, help="window end in seconds; -1: end of clip")
+    lego.add_argument("--guidance-scale", type=float, default=7.0)
+    lego.add_argument("--time-signature", help="e.g. 4 or 3")
+    _add_model_options(lego, env)
+    lego.add_argument("--out", type=Path, default=Path("."), help="output folder (default: current folder)")
+    lego.add_argument("--format", choices=("wav", "flac", "mp3"), default="wav")
+    lego.add_argument("--max-duration", type=float, default=float(env.get("MAX_DURATION_S") or 600),
+                      help="longest source accepted, seconds (default MAX_DURATION_S or 600)")
+
+    tiny = sub.add_parser("make-tiny-checkpoint", help="build a tiny random-weight checkpoint (tests, demo)")
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--size", choices=("tiny", "full"), default="tiny",
+                      help="full: the real base model's sizes (GB; for GPU benchmarks)")
+
+    download = sub.add_parser("download", help="download the real base-model weights through huggingface_hub")
+    download.add_argument("dir", type=Path)
+
+    check = sub.add_parser("check", help="say what a checkpoint folder is and whether it is complete")
+    check.add_argument("dir", type=Path, nargs="?", default=Path(env.get("ACESTEP_CHECKPOINTS") or DEFAULT_CHECKPOINTS))
+    _add_model_options(check, env, with_checkpoints=False)
+
+    serve = sub.add_parser("serve", help="keep-warm: read lego jobs as JSON lines on stdin, one at a time")
+    serve.add_argument("--idle-timeout", type=float, default=float(env.get("KEEP_WARM_S") or 0),
+                       help="exit after this many idle seconds once a model is loaded (default KEEP_WARM_S or 0)")
+    return parser
+
+
+def _add_model_options(parser, env, with_checkpoints: bool = True) -> None:
+    if with_checkpoints:
+        parser.add_argument("--checkpoints", type=Path, default=Path(env.get("ACESTEP_CHECKPOINTS") or DEFAULT_CHECKPOINTS),
+                            help="checkpoint folder (default ACESTEP_CHECKPOINTS or ./checkpoints)")
+    parser.add_argument("--engine", choices=("diffusers", "acestep"), default=env.get("ACESTEP_ENGINE") or None,
+                        help="override the engine chosen from the folder's layout (ACESTEP_ENGINE)")
+    parser.add_argument("--device", default=env.get("ACESTEP_DEVICE") or "auto", help="auto|cuda|cpu")
+    parser.add_argument("--dtype", default=env.get("ACESTEP_DTYPE") or "auto", help="auto|bfloat16|float16|float32")
+    parser.add_argument("--offload", default=env.get("ACESTEP_OFFLOAD") or "auto", help="auto|on|off")
+
+
+def _on_sigterm(_signum, _frame):
+    raise Cancelled()
+
+
+def main(argv: list[str] | None = None) -> int:
+    events = EventStream(out=os.fdopen(os.dup(1), "w", buffering=1), err=sys.stderr)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        args = build_parser().parse_args(argv)
+        return _dispatch(args, events)
+    except Cancelled:
+        events.error(RunnerError("cancelled", "The job was cancelled; nothing was written.", EXIT_CANCELLED, retryable=True))
+        return EXIT_CANCELLED
+    except RunnerError as err:
+        events.error(err)
+        return err.exit_status
+    except SystemExit as exit_:  # --help
+        return int(exit_.code or 0)
+    except Exception as exc:  # a bug or an unforeseen library failure: say so, keep the traceback on stderr
+        traceback.print_exc()
+        events.error(RunnerError("internal_error", f"The runner failed unexpectedly: {type(exc).__name__}: {exc}", EXIT_GENERATION, retryable=False))
+        return EXIT_GENERATION
+
+
+def _dispatch(args, events: EventStream) -> int:
+    if args.command == "lego":
+        from runner.lego import EngineCache, LegoArgs, run_lego
+
+        lego_args = LegoArgs(
+            source=args.source, track=args.track, bpm=args.bpm, key=args.key, caption=args.caption,
+            steps=args.steps, batch_size=args.batch_size, seed=args.seed, repaint_start=args.repaint_start,
+            repaint_end=args.repaint_end, guidance_scale=args.guidance_scale, time_signature=args.time_signature,
+            checkpoints=args.checkpoints, out=args.out, format=args.format, device=args.device,
+            dtype=args.dtype, offload=args.offload, engine=args.engine, max_duration_s=args.max_duration,
+        )
+        result = run_lego(lego_args, events, EngineCache())
+        _emit_result(events, result)
+        return EXIT_OK
+    if args.command == "make-tiny-checkpoint":
+        from runner.random_checkpoint import write_checkpoint
+
+        try:
+            path = write_checkpoint(args.dir, args.size, args.seed)
+        except FileExistsError as exc:
+            raise bad_input("checkpoint_exists", str(exc)) from None
+        events.emit("checkpoint", path=str(path.resolve()), size=args.size, seed=args.seed, demo=True)
+        events.say(f"[runner] wrote a {args.size} random-weight checkpoint to {path} (demo: random weights)")
+        return EXIT_OK
+    if args.command == "download":
+        from runner.download import download
+
+        return download(args.dir, events)
+    if args.command == "check":
+        from runner.check import check
+
+        return check(args, events)
+    if args.command == "serve":
+        from runner.serve import serve
+
+        return serve(args, events)
+    raise bad_input("bad_arguments", f"Unknown command {args.command!r}.")
+
+
+def _emit_result(events: EventStream, result: dict) -> None:
+    try:
+        events.emit("result", **result)
+    except Cancelled:
+        for output in result["outputs"]:
+            Path(output["path"]).unlink(missing_ok=True)
+        raise
+    events.say("[runner] wrote " + ", ".join(o["path"] for o in result["outputs"]))
+    events.say("[runner] timings " + json.dumps(result["timings"]))

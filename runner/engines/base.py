@@ -1,0 +1,56 @@
+"""The one small interface both engines implement (DESIGN.md section 3)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+import numpy as np
+
+MODEL_SAMPLE_RATE = 48000
+
+
+@dataclass
+class LegoJob:
+    """One lego generation, already validated. Audio is float32, shape (2, frames), 48 kHz."""
+
+    source: np.ndarray
+    track: str
+    bpm: int
+    caption: str
+    steps: int = 50
+    batch_size: int = 1
+    seed: int = 0
+    key: Optional[str] = None
+    time_signature: Optional[str] = None
+    guidance_scale: float = 7.0
+    repaint_start: float = 0.0
+    repaint_end: float = -1.0  # negative: to the end of the clip
+
+    @property
+    def seconds(self) -> float:
+        return self.source.shape[-1] / MODEL_SAMPLE_RATE
+
+
+StepCallback = Callable[[int, int], None]  # (step, total); may raise Cancelled
+StageCallback = Callable[[str], None]  # "encoding" | "generating" | "decoding"
+
+
+@dataclass
+class LoadOptions:
+    device: str  # "cuda" | "cpu"
+    dtype: str  # "bfloat16" | "float16" | "float32"
+    offload: bool
+
+
+class Engine(Protocol):
+    name: str
+
+    def load(self, checkpoints: Path, options: LoadOptions) -> None:
+        """Load weights onto the device; raise RunnerError (exit 3) if unloadable."""
+
+    def generate(self, job: LegoJob, on_stage: StageCallback, on_step: StepCallback) -> list[np.ndarray]:
+        """Return `job.batch_size` stems, float32 (2, frames) at 48 kHz, at least the source's length."""
+
+    def peak_vram_bytes(self) -> Optional[int]:
+        """torch's peak reserved memory on CUDA, else None."""

@@ -1,0 +1,86 @@
+"""The runner's event stream and exit statuses: the whole contract the web service reads.
+
+stdout carries one JSON object per line and nothing else; people read stderr. Anything
+else that writes to stdout (a library's print) would corrupt the stream, so `EventStream`
+keeps a private handle on the real stdout and the CLI points `sys.stdout` at stderr.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import IO, Any
+
+# Exit statuses (DESIGN.md section 4).
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_CHECKPOINT = 3
+EXIT_GENERATION = 4
+EXIT_CANCELLED = 5
+
+STAGES = ("loading", "encoding", "generating", "decoding", "writing")
+
+
+class RunnerError(Exception):
+    """A failure with a stable code, a sentence for the user, an exit status and retryability."""
+
+    def __init__(self, code: str, message: str, exit_status: int, retryable: bool = False):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.exit_status = exit_status
+        self.retryable = retryable
+
+
+def bad_input(code: str, message: str) -> RunnerError:
+    """Something the caller sent is wrong: exit 2, never retryable."""
+    return RunnerError(code, message, EXIT_BAD_INPUT, retryable=False)
+
+
+def checkpoint_error(code: str, message: str) -> RunnerError:
+    """The checkpoint folder is missing, incomplete or unloadable: exit 3."""
+    return RunnerError(code, message, EXIT_CHECKPOINT, retryable=False)
+
+
+def generation_error(code: str, message: str, retryable: bool) -> RunnerError:
+    """Generation itself failed (out of memory, NaN output): exit 4."""
+    return RunnerError(code, message, EXIT_GENERATION, retryable=retryable)
+
+
+class Cancelled(Exception):
+    """Raised at a step boundary after SIGTERM: the run stops, writes nothing, exits 5."""
+
+
+class EventStream:
+    """Writes events as JSON lines to the real stdout, and a readable line to stderr."""
+
+    def __init__(self, out: IO[str] | None = None, err: IO[str] | None = None):
+        self._out = out if out is not None else sys.stdout
+        self._err = err if err is not None else sys.stderr
+
+    def emit(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"event": event, **fields}, separators=(",", ":"), default=str)
+        self._out.write(line + "\n")
+        self._out.flush()
+
+    def say(self, text: str) -> None:
+        """A line for a human on stderr."""
+        self._err.write(text + "\n")
+        self._err.flush()
+
+    def stage(self, name: str) -> None:
+        assert name in STAGES, name
+        self.emit("stage", stage=name)
+        self.say(f"[runner] {name}")
+
+    def progress(self, step: int, total: int) -> None:
+        self.emit("progress", step=step, total=total)
+        width = 30
+        done = int(width * step / max(total, 1))
+        self._err.write(f"\r[runner] step {step}/{total} [{'#' * done}{'.' * (width - done)}]")
+        if step >= total:
+            self._err.write("\n")
+        self._err.flush()
+
+    def error(self, err: RunnerError) -> None:
+        self.emit("error", code=err.code, message=err.message, retryable=err.retryable)
+        self.say(f"[runner] error {err.code}: {err.message}")
