@@ -65,16 +65,34 @@ def read_source(path: Path, max_seconds: float) -> SourceAudio:
 
 
 def _read_with_soundfile(path: Path) -> SourceAudio:
-    info = sf.info(str(path))
     samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    # libsndfile reads a truncated PCM file up to the cut without complaint; the header still
-    # declares the full length, so a short read means the file was cut off.
-    if info.format in ("WAV", "AIFF", "WAVEX", "W64", "RF64") and 0 < samples.shape[0] < info.frames:
+    missing = wav_bytes_missing(path)
+    if missing:
+        # libsndfile quietly reads a cut-off WAV up to the cut; its header still declares the whole.
         raise bad_input(
             "audio_truncated",
-            f"The source file {path} is cut off: its header declares {info.frames} frames but only {samples.shape[0]} are present. Upload the complete file.",
+            f"The source file {path} is cut off ({missing} bytes of audio data missing); upload the complete file.",
         )
     return SourceAudio(samples=samples, sample_rate=int(rate))
+
+
+def wav_bytes_missing(path: Path) -> int:
+    """For a RIFF/WAVE file: how many bytes its data chunk declares beyond the end of the file."""
+    with open(path, "rb") as handle:
+        head = handle.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return 0
+        size = os.fstat(handle.fileno()).st_size
+        while True:
+            chunk = handle.read(8)
+            if len(chunk) < 8:
+                return 0
+            declared = int.from_bytes(chunk[4:8], "little")
+            start = handle.tell()
+            if chunk[:4] == b"data":
+                # 0xFFFFFFFF marks a streamed or RF64-style header whose length is unknown
+                return 0 if declared == 0xFFFFFFFF else max(0, start + declared - size)
+            handle.seek(start + declared + (declared & 1))
 
 
 def _read_with_ffmpeg(path: Path) -> SourceAudio:

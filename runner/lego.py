@@ -119,7 +119,9 @@ def run_lego(args: LegoArgs, events: EventStream, cache: EngineCache) -> dict:
     events.stage("loading")
     t = time.perf_counter()
     chosen = placement.choose(args.device, args.dtype, args.offload)
+    loads_before = cache.loads
     loaded = _engine_for(cache, layout.engine, args.checkpoints, chosen.device, chosen.dtype, chosen.offload)
+    reused = cache.loads == loads_before
     timings["load_s"] = round(time.perf_counter() - t, 3)
     job = LegoJob(
         source=audio_io.to_model_input(source), track=args.track, bpm=args.bpm,
@@ -156,7 +158,7 @@ def run_lego(args: LegoArgs, events: EventStream, cache: EngineCache) -> dict:
         "offload": loaded.offload,
         "demo": layout.demo,
         "retried_in_float32": retried_in_float32,
-        "reused_loaded_model": cache.loads > 0 and timings["load_s"] < 0.05,
+        "reused_loaded_model": reused,
     }
 
 

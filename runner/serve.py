@@ -10,8 +10,8 @@ job (0: exit after the first job, the seed's behaviour), then exits and frees th
 from __future__ import annotations
 
 import json
+import os
 import select
-import sys
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -54,14 +54,31 @@ def parse_job(line: str) -> LegoArgs | None:
         raise bad_input("bad_job_line", f"The job is incomplete: {exc}.") from None
 
 
-def _wait_for_line(timeout: float | None) -> str | None:
-    """The next stdin line, or None on timeout or end of input."""
-    if timeout is not None:
-        ready, _, _ = select.select([sys.stdin], [], [], timeout)
-        if not ready:
-            return None
-    line = sys.stdin.readline()
-    return line if line else None
+class StdinLines:
+    """Lines from file descriptor 0 with a timeout. Python's buffered sys.stdin would swallow
+    several waiting lines in one read, after which select() sees an empty pipe and times out."""
+
+    def __init__(self, fd: int = 0):
+        self.fd = fd
+        self.buffer = b""
+        self.closed = False
+
+    def next(self, timeout: float | None) -> str | None:
+        """The next line, or None on timeout or end of input."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.buffer and not self.closed:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self.fd], [], [], wait)
+            if not ready:
+                return None
+            chunk = os.read(self.fd, 65536)
+            self.closed = not chunk
+            self.buffer += chunk
+        if b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            return line.decode("utf-8", "replace")
+        line, self.buffer = self.buffer, b""
+        return line.decode("utf-8", "replace") or None
 
 
 def serve(args, events: EventStream) -> int:
@@ -69,13 +86,16 @@ def serve(args, events: EventStream) -> int:
     cache = EngineCache()
     idle = max(0.0, float(args.idle_timeout))
     jobs = 0
+    lines = StdinLines()
     while True:
         timeout = idle if cache.current is not None else None
         if jobs and idle == 0:
             break
-        line = _wait_for_line(timeout)
+        line = lines.next(timeout)
         if line is None:
             break
+        if not line.strip():
+            continue
         try:
             job = parse_job(line)
             if job is None:

@@ -5,14 +5,20 @@ decode (the run's memory peak) is bounded and each phase gets its own stage and 
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from runner.engines.base import LegoJob, LoadOptions, StageCallback, StepCallback
+from runner.engines.base import MODEL_SAMPLE_RATE, LegoJob, LoadOptions, StageCallback, StepCallback
 from runner.events import checkpoint_error, generation_error
 from runner.tracks import lego_instruction
+
+# The VAE turns 1920 samples into one latent frame and drops a partial frame; the DiT patches
+# two frames at a time. Padding the source to whole patches keeps the stem's tail.
+LATENT_SAMPLES = 1920
+LATENTS_PER_SECOND = 25.0
 
 class DiffusersEngine:
     name = "diffusers"
@@ -58,14 +64,18 @@ class DiffusersEngine:
 
         pipe.progress_bar = progress_bar
         on_stage("encoding")
+        # The pipeline samples the source's VAE posterior with the global RNG, not `generator`:
+        # seed both, or the same seed would not give the same stem.
+        torch.manual_seed(job.seed)
         generator = torch.Generator(device="cpu").manual_seed(job.seed)
         batch = job.batch_size
+        source = _pad_to_patches(job.source)
         try:
             with torch.inference_mode():
                 latents = pipe(
                     prompt=[job.caption] * batch,
                     lyrics=[""] * batch,  # a list: diffusers 0.42.1 fails on a plain string with batch > 1
-                    audio_duration=job.seconds,
+                    audio_duration=source.shape[-1] / MODEL_SAMPLE_RATE,
                     num_inference_steps=job.steps,
                     guidance_scale=job.guidance_scale,
                     generator=generator,
@@ -77,7 +87,7 @@ class DiffusersEngine:
                     timesignature=job.time_signature,
                     task_type="lego",
                     track_name=job.track.upper(),
-                    src_audio=torch.from_numpy(job.source),
+                    src_audio=torch.from_numpy(source),
                     repainting_start=job.repaint_start,
                     repainting_end=job.repaint_end,
                 ).audios
@@ -97,3 +107,14 @@ class DiffusersEngine:
             return None
         return int(torch.cuda.max_memory_reserved())
 
+
+
+def _pad_to_patches(source: np.ndarray) -> np.ndarray:
+    """Pad with silence to an even number of latent frames L for which the pipeline's own float
+    round trip, ceil((L / 25) * 25), gives back L: diffusers 0.42.1 sizes the noise that way and
+    fails (e.g. L = 14 -> 15) where it does not."""
+    frames = -(-source.shape[-1] // LATENT_SAMPLES)
+    frames += frames % 2
+    while math.ceil((frames / LATENTS_PER_SECOND) * LATENTS_PER_SECOND) != frames:
+        frames += 2
+    return np.pad(source, ((0, 0), (0, frames * LATENT_SAMPLES - source.shape[-1])))

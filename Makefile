@@ -1,0 +1,31 @@
+# The README's two commands: `make serve` and `make test`. Both create or reuse .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# ACE-Step 1.5 on PyPI (the Feb-2026 single-file fork), without its dependency tree: the
+# patches are tested against its real code; the Docker image installs the official repository.
+ACESTEP_FORK := ace-step15-fork==20260212
+
+.PHONY: serve test bench install system-deps
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[runner,test]'
+	$(PY) -m pip install -q --no-deps $(ACESTEP_FORK)
+	touch $@
+
+system-deps:
+	scripts/system-deps.sh
+
+serve: install system-deps
+	scripts/serve.sh
+
+test: install system-deps
+	$(PY) -m pytest
+
+bench: install system-deps
+	$(PY) benchmarks/service_overhead.py
