@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# ACE-Step 1.5 on PyPI (the Feb-2026 single-file fork), without its dependency tree: the
-# patches are tested against its real code; the Docker image installs the official repository.
-ACESTEP_FORK := ace-step15-fork==20260212
+# ACE-Step 1.5 on PyPI (the Feb-2026 single-file fork) and the nano-vllm it vendors, without their
+# dependency trees (vLLM, flash-attn, gradio...): the patches are tested against their real code;
+# the Docker image installs the official repository.
+ACESTEP_FORK := ace-step15-fork==20260212 nano-vllm-fork==20260210
 
 .PHONY: serve test bench install system-deps
 
