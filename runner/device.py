@@ -49,3 +49,34 @@ def choose(device: str = "auto", dtype: str = "auto", offload: str = "auto") -> 
     else:
         raise bad_input("bad_offload", f"Unknown offload setting {offload!r}; choose auto, on or off.")
     return Placement(device, dtype, use_offload, dtype_auto, name, total, cc)
+
+
+def import_torch_seconds() -> float:
+    """Time to import torch and diffusers in this process (0 when a keep-warm runner already has)."""
+    import sys
+    import time
+
+    if "torch" in sys.modules and "diffusers" in sys.modules:
+        return 0.0
+    started = time.perf_counter()
+    import diffusers  # noqa: F401
+    import torch  # noqa: F401
+
+    return round(time.perf_counter() - started, 3)
+
+
+def reset_cuda_peak() -> None:
+    """Start each job's peak-memory count afresh (a keep-warm runner serves several)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def cuda_peak_allocated() -> int | None:
+    """Peak bytes held by tensors: what the job needs, where `peak_vram_bytes` (reserved) adds the cache."""
+    import torch
+
+    if not torch.cuda.is_initialized():
+        return None
+    return int(torch.cuda.max_memory_allocated())

@@ -82,5 +82,7 @@ class EventStream:
         self._err.flush()
 
     def error(self, err: RunnerError) -> None:
-        self.emit("error", code=err.code, message=err.message, retryable=err.retryable)
+        # exit_status: the status a one-shot run exits with; a keep-warm `serve` process stays up
+        # after a job's error, so its client reads the job's status here.
+        self.emit("error", code=err.code, message=err.message, retryable=err.retryable, exit_status=err.exit_status)
         self.say(f"[runner] error {err.code}: {err.message}")

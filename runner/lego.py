@@ -118,7 +118,9 @@ def run_lego(args: LegoArgs, events: EventStream, cache: EngineCache) -> dict:
 
     events.stage("loading")
     t = time.perf_counter()
+    timings["import_s"] = placement.import_torch_seconds()
     chosen = placement.choose(args.device, args.dtype, args.offload)
+    placement.reset_cuda_peak()
     loads_before = cache.loads
     loaded = _engine_for(cache, layout.engine, args.checkpoints, chosen.device, chosen.dtype, chosen.offload)
     reused = cache.loads == loads_before
@@ -152,6 +154,7 @@ def run_lego(args: LegoArgs, events: EventStream, cache: EngineCache) -> dict:
         "seed": seed,
         "timings": timings,
         "peak_vram_bytes": loaded.engine.peak_vram_bytes(),
+        "peak_vram_allocated_bytes": placement.cuda_peak_allocated(),
         "engine": layout.engine,
         "device": loaded.device,
         "dtype": loaded.dtype,

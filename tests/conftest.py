@@ -23,6 +23,8 @@ import soundfile as sf
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_RUNNER = ROOT / "tests" / "fakes" / "fake_runner.py"
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+if str(ROOT) not in sys.path:  # `tests.fakes`, `webapp` and `runner` import from the checkout under any pytest entry point
+    sys.path.insert(0, str(ROOT))
 
 
 # ---- the runner's helpers (tests/test_runner_*.py) ------------------------------------------------
@@ -166,9 +168,12 @@ def fake_runner_command(mode: str = "ok", step_s: float = 0.01, record: Path | N
 
 
 def read_records(path: Path) -> list[dict]:
+    """The fake runner's job starts and process exits (its `spawn` lines left out: a runner started
+    ahead holds no tokens and no GPU until a job reaches it, which is what "start" records)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if "spawn" not in r]
 
 
 @pytest.fixture

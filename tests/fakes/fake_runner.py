@@ -1,0 +1,140 @@
+"""A stand-in for `python -m runner serve` that speaks the runner's protocol (DESIGN.md section 4).
+
+Test-only: it exercises the web service's failure paths (crash, hang, timeout, bad statuses)
+that the real runner cannot be made to hit on demand. Its own options come before `serve`:
+
+    fake_runner.py [--mode MODE] [--step-s S] [--steps-shown N] [--record FILE] serve --idle-timeout S
+
+Like the real runner it says `{"event": "ready"}` at start and after each job, reads jobs as JSON
+lines on stdin, exits after one job when the idle timeout is 0, and at end of input.
+Modes: ok, fail (a generation error, status 4), badinput (2), nockpt (3), crash (SIGKILL itself
+mid-job), hang (runs until SIGTERM, then exits 5), stubborn (ignores SIGTERM; needs SIGKILL),
+noresult (the process exits 0 without answering), junk (a non-JSON line on stdout, then a
+normal result). `--record FILE` appends {"pid","spawn"} at start, {"pid","start","argv"} when a
+job arrives (with its `args`) and {"pid","exit","code"} when the process ends normally.
+The "ok" output is the source itself, in the requested format, same rate and frame count.
+"""
+import argparse
+import json
+import os
+import select
+import signal
+import sys
+import time
+
+import soundfile as sf
+
+FORMATS = {"wav": ("WAV", "FLOAT"), "flac": ("FLAC", "PCM_24"), "mp3": ("MP3", "MPEG_LAYER_III")}
+STATUS = {"badinput": (2, "bad_arguments", "The runner refused the arguments.", False),
+          "nockpt": (3, "checkpoint_missing", "The checkpoint folder is incomplete.", False),
+          "fail": (4, "out_of_memory", "CUDA ran out of memory while generating.", True)}
+
+
+class Cancelled(Exception):
+    pass
+
+
+def emit(**event):
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def record(path, **fields):
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"pid": os.getpid(), **fields}) + "\n")
+
+
+def error(status, code, message, retryable):
+    emit(event="error", code=code, message=message, retryable=retryable, exit_status=status)
+
+
+def run_job(opts, args, cancelled):
+    emit(event="stage", stage="loading")
+    if opts.mode in ("badinput", "nockpt"):
+        return error(*STATUS[opts.mode])
+    if opts.mode == "junk":
+        sys.stdout.write("this line is not JSON\n")
+    emit(event="stage", stage="encoding")
+    emit(event="stage", stage="generating")
+    total = args.get("steps") or 50
+    shown = max(1, min(opts.steps_shown, total))
+    for i in range(1, shown + 1):
+        if cancelled["flag"]:
+            raise Cancelled()
+        time.sleep(opts.step_s)
+        emit(event="progress", step=round(i * total / shown), total=total)
+        if opts.mode == "crash" and i == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if opts.mode == "fail" and i == 2:
+            return error(*STATUS["fail"])
+    while opts.mode in ("hang", "stubborn"):
+        if cancelled["flag"]:
+            raise Cancelled()
+        time.sleep(0.05)
+    emit(event="stage", stage="decoding")
+    if opts.mode == "noresult":
+        sys.exit(0)
+    emit(event="stage", stage="writing")
+    data, rate = sf.read(args["source"], dtype="float32", always_2d=True)
+    os.makedirs(args["out"], exist_ok=True)
+    outputs = []
+    fmt = args.get("format", "wav")
+    for index in range(args.get("batch_size") or 1):
+        final = os.path.join(os.path.abspath(args["out"]), f"lego-{args['track']}-{index}.{fmt}")
+        tmp = final + ".part"
+        container, subtype = FORMATS[fmt]
+        sf.write(tmp, data, rate, format=container, subtype=subtype)
+        os.replace(tmp, final)
+        outputs.append({"path": final, "sample_rate": rate, "frames": int(data.shape[0])})
+    emit(event="result", outputs=outputs, seed=args.get("seed", 1234),
+         timings={"load_s": 0.0, "generating_s": 0.0, "total_s": 0.0}, peak_vram_bytes=0, engine="fake", dtype="float32")
+
+
+def main(argv):
+    own = argparse.ArgumentParser()
+    own.add_argument("--mode", default="ok")
+    own.add_argument("--step-s", type=float, default=0.01)
+    own.add_argument("--steps-shown", type=int, default=5)
+    own.add_argument("--record")
+    split = argv.index("serve")
+    opts = own.parse_args(argv[:split])
+    serve = argparse.ArgumentParser()
+    serve.add_argument("--idle-timeout", type=float, default=0.0)
+    idle = serve.parse_args(argv[split + 1:]).idle_timeout
+
+    record(opts.record, spawn=time.time())
+    cancelled = {"flag": False}
+
+    def on_term(_sig, _frame):
+        cancelled["flag"] = True
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if opts.mode == "stubborn" else on_term)
+    emit(event="ready", loaded=False)
+    jobs = 0
+    while not (jobs and idle == 0):
+        if jobs and not select.select([sys.stdin], [], [], idle)[0]:
+            break
+        line = sys.stdin.readline()
+        if not line:
+            break
+        message = json.loads(line)
+        if message.get("command") != "lego":
+            break
+        args = message["args"]
+        jobs += 1
+        record(opts.record, start=time.time(), args=args, argv=[f"{k}={v}" for k, v in args.items()])
+        print(f"[fake-runner] {opts.mode} {args['track']} {args['source']}", file=sys.stderr, flush=True)
+        try:
+            run_job(opts, args, cancelled)
+        except Cancelled:
+            error(5, "cancelled", "The job was cancelled; nothing was written.", True)
+            record(opts.record, exit=time.time(), code=5)
+            return 5
+        emit(event="ready", loaded=True)
+    record(opts.record, exit=time.time(), code=0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,215 @@
+"""The service started the README's way (`gunicorn -c gunicorn.conf.py wsgi:app`) behind real HTTP:
+both protocols end to end with the real runner on the tiny checkpoint, a client that hangs up
+mid-generation, and a graceful shutdown during a job. GPU tokens come from the fake
+gpu-queue-service, which checks at each release that no runner of the job is still alive."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+import soundfile as sf
+
+from conftest import ROOT, fake_runner_command, free_port, live_processes_with, read_records, wait_for, wav_bytes
+
+pytestmark = pytest.mark.slow
+GUNICORN = ROOT / ".venv" / "bin" / "gunicorn"
+
+
+class Gunicorn:
+    def __init__(self, env: dict, log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        full_env = {**os.environ, **env, "PORT": str(self.port), "LOG_FORMAT": "json"}
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT, env=full_env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(self._healthy, timeout=60, interval=0.2, what="gunicorn to answer /health")
+
+    def _healthy(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"gunicorn exited: {self.log_path.read_text()[-3000:]}")
+        try:
+            return requests.get(self.url + "/health", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def events(self, name: str | None = None) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
+                if name is None or ev.get("event") == name:
+                    out.append(ev)
+        return out
+
+    def stop(self, timeout: float = 40) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_gunicorn(tmp_path, fake_queue):
+    servers = []
+    data_dir = tmp_path / f"data-{uuid.uuid4().hex[:6]}"
+    # At each release, the fake queue looks for any live process still working in this service's data folder.
+    fake_queue.on_release = lambda session_id: live_processes_with(str(data_dir))
+
+    def start(**env):
+        base = {"DATA_DIR": str(data_dir), "QUEUE_URL": fake_queue.url, "QUEUE_POLL_INTERVAL_S": "0.1",
+                "GPU_LOCK_FILE": str(tmp_path / "gpu.lock"), "LEGO_STEPS": "3", "LEGO_MIN_STEPS": "1",
+                "ACESTEP_DEVICE": "cpu", "RUNNER_KILL_GRACE_S": "2", "LOG_LEVEL": "INFO"}
+        server = Gunicorn({**base, **env}, tmp_path / f"gunicorn-{len(servers)}.log")
+        servers.append(server)
+        return server, data_dir
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def assert_token_log_invariants(server: Gunicorn, fake_queue, task_ids: list[str]):
+    # A completed job is answered once its stem is written; its runner's exit and the release follow.
+    deadline = time.monotonic() + 20
+    while len(fake_queue.releases()) < len(task_ids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    starts = {e["job_id"]: e for e in server.events("job_runner_started")}
+    exits = {e["job_id"]: e for e in server.events("job_runner_exited")}
+    assert len(fake_queue.acquires()) == len(fake_queue.releases()) == len(task_ids)
+    for task in task_ids:
+        session = fake_queue.sessions[f"acestep-lego-{task}"]
+        assert session["at_release"] == [], "a runner was alive when its tokens were released"
+        if task in starts:
+            assert starts[task]["started_at"] >= session["granted"], "runner started before the tokens were granted"
+            assert exits[task]["exited_at"] <= session["released"], "tokens released before the runner exited"
+
+
+def test_both_protocols_end_to_end_with_the_real_runner(start_gunicorn, fake_queue, tiny_checkpoint):
+    server, data_dir = start_gunicorn(ACESTEP_CHECKPOINTS=str(tiny_checkpoint))
+    health = requests.get(server.url + "/health", timeout=5)
+    assert health.json()["model"] == "demo: random weights" and health.json()["checkpoints"]["complete"] is True
+    assert health.headers["X-ACEStep-Model"] == "demo-random-weights"
+    assert health.json()["gpu_tokens"]["reachable"] is True
+    assert any("demo: random weights" in line for line in server.log_path.read_text().splitlines())
+
+    # 1. the seed's multipart call, synchronous, WAV requested
+    source = wav_bytes(2.0, rate=44100, channels=2)
+    resp = requests.post(server.url + "/lego", files={"audio_file": ("guitar.wav", source, "audio/wav")},
+                         data={"track_type": "drums", "bpm": "120", "key_scale": "A minor", "format": "wav"}, timeout=300)
+    assert resp.status_code == 200, resp.text[:2000]
+    assert resp.headers["Content-Type"].startswith("audio/wav")
+    assert resp.headers["X-ACEStep-Model"] == "demo-random-weights"
+    stem, rate = sf.read(io.BytesIO(resp.content))
+    assert rate == 44100 and stem.shape[0] == 2 * 44100
+    sync_task = resp.headers["X-Task-Id"]
+
+    # 2. the plugin's JSON protocol, polled like the plugin does
+    body = {"audio_data": base64.b64encode(wav_bytes(1.5, rate=48000)).decode(), "track_name": "vocals", "bpm": 90,
+            "inference_steps": 3, "caption": "", "lyrics": "", "guidance_scale": 7.0, "seed": 5, "batch_size": 1,
+            "audio_format": "wav"}
+    accepted = requests.post(server.url + "/lego", json=body, timeout=30).json()
+    assert accepted["success"] is True and accepted["status"] == "queued"
+    task = accepted["task_id"]
+    seen = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        status = requests.get(f"{server.url}/lego/status/{task}", timeout=10).json()
+        seen.append(status)
+        if status["status"] in ("completed", "failed"):
+            break
+        time.sleep(0.5)
+    assert status["status"] == "completed", status
+    assert status["seed"] == 5 and status["bpm"] == 90 and status["duration"] == pytest.approx(1.5)
+    stem, rate = sf.read(io.BytesIO(base64.b64decode(status["audio_data"])))
+    assert rate == 48000 and stem.shape[0] == int(1.5 * 48000)
+    progress = [s["progress"] for s in seen]
+    assert progress == sorted(progress)
+    download = requests.get(f"{server.url}/lego/{task}/audio", timeout=10)
+    assert download.status_code == 200 and download.content == base64.b64decode(status["audio_data"])
+
+    assert_token_log_invariants(server, fake_queue, [sync_task, task])
+    assert all(s["release_status"] == "completed" for s in fake_queue.sessions.values())
+    assert server.stop() == 0
+
+
+def _raw_multipart_request(port: int, audio: bytes) -> socket.socket:
+    boundary = "----acestep" + uuid.uuid4().hex
+    parts = []
+    for name, value in (("track_type", "drums"), ("bpm", "120")):
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="audio_file"; filename="a.wav"\r\n'
+                 f"Content-Type: audio/wav\r\n\r\n".encode() + audio + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    payload = b"".join(parts)
+    head = (f"POST /lego HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n").encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(head + payload)
+    return sock
+
+
+def test_client_disconnect_cancels_the_job_and_frees_the_gpu(start_gunicorn, fake_queue, fake_checkpoints, tmp_path):
+    record = tmp_path / "runs.jsonl"
+    server, _ = start_gunicorn(ACESTEP_CHECKPOINTS=str(fake_checkpoints), RUNNER_COMMAND=fake_runner_command("hang", record=record))
+    sock = _raw_multipart_request(server.port, wav_bytes(2.0))
+    wait_for(lambda: read_records(record), timeout=30, what="the runner to start")
+    runner_pid = read_records(record)[0]["pid"]
+    task = server.events("job_runner_started")[0]["job_id"]
+    sock.close()  # the client hangs up while waiting
+    wait_for(lambda: fake_queue.releases(), timeout=10, what="the tokens to be released")
+    assert [r["code"] for r in read_records(record) if "exit" in r] == [5]  # SIGTERMed, exited cleanly
+    status = requests.get(f"{server.url}/lego/status/{task}", timeout=5).json()
+    assert status["error_code"] == "job_cancelled" and "client disconnected" in status["error"]
+    assert_token_log_invariants(server, fake_queue, [task])
+    assert fake_queue.sessions[f"acestep-lego-{task}"]["release_status"] == "failed"
+    assert runner_pid not in live_processes_with("fake_runner.py")
+
+
+def test_graceful_shutdown_cancels_the_running_job_and_releases(start_gunicorn, fake_queue, fake_checkpoints, tmp_path):
+    record = tmp_path / "runs.jsonl"
+    server, data_dir = start_gunicorn(ACESTEP_CHECKPOINTS=str(fake_checkpoints),
+                                      RUNNER_COMMAND=fake_runner_command("hang", record=record))
+    answers = []
+
+    def call():
+        files = {"audio_file": ("a.wav", wav_bytes(2.0), "audio/wav")}
+        answers.append(requests.post(server.url + "/lego", files=files, data={"track_type": "drums", "bpm": "100"}, timeout=60))
+
+    waiting_client = threading.Thread(target=call)
+    waiting_client.start()
+    wait_for(lambda: read_records(record), timeout=30, what="the runner to start")
+    queued = requests.post(server.url + "/lego", json={"audio_data": base64.b64encode(wav_bytes(2.0)).decode(),
+                                                       "track_name": "drums", "bpm": 100}, timeout=10).json()
+    assert queued["status"] == "queued"
+    t0 = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    waiting_client.join(40)
+    assert answers and answers[0].status_code == 503, answers and answers[0].text
+    assert answers[0].json()["error_code"] == "service_shutting_down" and answers[0].json()["retryable"] is True
+    assert server.proc.wait(40) == 0
+    assert time.monotonic() - t0 < 30
+    assert [r["code"] for r in read_records(record) if "exit" in r] == [5]
+    running = server.events("job_runner_started")[0]["job_id"]
+    assert_token_log_invariants(server, fake_queue, [running])  # the queued job never took tokens
+    assert live_processes_with(str(data_dir)) == []

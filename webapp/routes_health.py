@@ -1,0 +1,68 @@
+"""`GET /health` and `GET /`: what the service is and whether it can work, cheaply (no model, no torch)."""
+from __future__ import annotations
+
+import os
+import time
+
+from flask import Blueprint, jsonify
+
+from webapp import __version__
+from webapp.audio_probe import tools_available
+from webapp.lego_params import TRACKS
+from webapp.service import current_service, runner_command
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/health")
+def health():
+    service = current_service()
+    ckpt = service.refresh_checkpoints()
+    tokens = service.tokens.describe()
+    jobs = service.jobs.snapshot()
+    problems = []
+    if not ckpt.complete:
+        problems.append(f"checkpoints incomplete: missing {', '.join(ckpt.missing)}")
+    if not tokens.get("reachable", False) and not tokens.get("fallback"):
+        problems.append("GPU token service unreachable")
+    if not jobs["accepting"]:
+        problems.append("shutting down")
+    body = {
+        "success": True,
+        "status": "ok" if not problems else "degraded",
+        "problems": problems,
+        "service": {"name": "acestep-stem-service", "version": __version__, "pid": os.getpid(),
+                    "uptime_s": round(time.time() - service.started_at, 1)},
+        "model": ckpt.weights,
+        "checkpoints": ckpt.as_dict(),
+        "gpu_tokens": tokens,
+        "jobs": jobs,
+        "runner": {"command": runner_command(service.settings)[:3],
+                   "holding_gpu": jobs["runner_pid"] is not None or jobs["warm"]["loaded"],
+                   "keep_warm_s": service.settings.keep_warm_s, "prestart": service.settings.runner_prestart},
+        "audio_tools": "ffmpeg" if tools_available() else "soundfile",
+    }
+    return jsonify(body)
+
+
+@bp.get("/")
+def index():
+    service = current_service()
+    return jsonify({
+        "success": True,
+        "service": "acestep-stem-service",
+        "version": __version__,
+        "model": service.checkpoints.weights,
+        "auth": "API key required (Bearer or X-API-Key)" if service.settings.api_key else "open",
+        "endpoints": {
+            "POST /lego": "multipart (audio_file, track_type, bpm, ...; waits, answers audio; async=1 for a task id) "
+                          "or JSON (audio_data base64, track_name, bpm, ...; answers a task id)",
+            "GET /lego/status/<task_id>": "job status; the result as base64 audio_data when completed",
+            "GET /lego/<task_id>/audio?index=0": "the result as a file (index 1 for the second of batch_size 2)",
+            "DELETE /lego/<task_id>": "cancel a job (stops the runner, frees the GPU) or delete its result",
+            "GET /health": "service, checkpoints, GPU tokens, jobs",
+            "POST /unload": "end a keep-warm runner now and free the GPU (KEEP_WARM_S)",
+            "GET /metrics": "Prometheus metrics",
+        },
+        "track_types": list(TRACKS),
+    })
