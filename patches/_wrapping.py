@@ -55,3 +55,14 @@ def remove(owner: type, attr: str, name: str) -> bool:
         return False
     setattr(owner, attr, current.__wrapped__)
     return True
+
+
+def locate(name: str, attr: str, found: tuple[Optional[type], str]) -> tuple[Optional[type], str, Optional[Outcome]]:
+    """The start every apply() shares: from find_owner's (owner, where), the owner to patch, or the
+    Outcome that ends apply() at once (target not found, or already wrapped in this process)."""
+    owner, where = found
+    if owner is None:
+        return None, where, Outcome(name, NOT_FOUND, where)
+    if our_wrapper(owner, attr, name) is not None:
+        return owner, where, Outcome(name, APPLIED, f"{where} was already wrapped in this process; not wrapped again")
+    return owner, where, None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import sys
 
-from patches._wrapping import APPLIED, LOG, NOT_FOUND, Outcome, install, our_wrapper, remove
+from patches._wrapping import APPLIED, LOG, Outcome, install, locate, remove
 
 NAME = "graph_capture_fallback"
 ATTR = "capture_cudagraph"
@@ -47,11 +47,9 @@ def _import_model_runner() -> tuple[type | None, str]:
 
 
 def apply(runner_class: type | None = None) -> Outcome:
-    owner, where = find_owner(runner_class)
-    if owner is None:
-        return Outcome(NAME, NOT_FOUND, where)
-    if our_wrapper(owner, ATTR, NAME) is not None:
-        return Outcome(NAME, APPLIED, f"{where} was already wrapped in this process; not wrapped again")
+    owner, where, done = locate(NAME, ATTR, find_owner(runner_class))
+    if done is not None:
+        return done
     install(owner, ATTR, NAME, _wrap(owner.__dict__[ATTR]))
     return Outcome(NAME, APPLIED, f"wrapped {where}")
 

@@ -28,7 +28,7 @@ from patches._wrapping import (
     Outcome,
     defining_class,
     install,
-    our_wrapper,
+    locate,
     remove,
 )
 
@@ -52,11 +52,9 @@ def find_owner(handler_class: type | None = None) -> tuple[type | None, str]:
 
 
 def apply(handler_class: type | None = None) -> Outcome:
-    owner, where = find_owner(handler_class)
-    if owner is None:
-        return Outcome(NAME, NOT_FOUND, where)
-    if our_wrapper(owner, ATTR, NAME) is not None:
-        return Outcome(NAME, APPLIED, f"{where} was already wrapped in this process; not wrapped again")
+    owner, where, done = locate(NAME, ATTR, find_owner(handler_class))
+    if done is not None:
+        return done
     original = owner.__dict__[ATTR]
     parameters = inspect.signature(original).parameters
     missing = [p for p in NEEDED_PARAMETERS if p not in parameters]

@@ -15,7 +15,7 @@ import contextlib
 import functools
 import inspect
 
-from patches._wrapping import APPLIED, NOT_FOUND, Outcome, install, our_wrapper, remove
+from patches._wrapping import APPLIED, Outcome, install, locate, remove
 
 NAME = "llm_eager_mode"
 ATTR = "_initialize_5hz_lm_vllm"
@@ -33,11 +33,9 @@ def find_owner(handler_class: type | None = None) -> tuple[type | None, str]:
 
 
 def apply(handler_class: type | None = None) -> Outcome:
-    owner, where = find_owner(handler_class)
-    if owner is None:
-        return Outcome(NAME, NOT_FOUND, where)
-    if our_wrapper(owner, ATTR, NAME) is not None:
-        return Outcome(NAME, APPLIED, f"{where} was already wrapped in this process; not wrapped again")
+    owner, where, done = locate(NAME, ATTR, find_owner(handler_class))
+    if done is not None:
+        return done
     original = owner.__dict__[ATTR]
     install(owner, ATTR, NAME, _wrap(original))
     how = "passes enforce_eager=True" if _takes_flag(original) else "forces enforce_eager=True on nanovllm.LLM"

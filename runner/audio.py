@@ -21,7 +21,8 @@ import soxr
 from runner.events import bad_input
 
 MODEL_RATE = 48000
-FORMATS = {"wav": ("WAV", "FLOAT"), "flac": ("FLAC", "PCM_24"), "mp3": ("MP3", "MPEG_LAYER_III")}
+# 24-bit PCM: what DAWs exchange, and half the size of 32-bit float for the same stem.
+FORMATS = {"wav": ("WAV", "PCM_24"), "flac": ("FLAC", "PCM_24"), "mp3": ("MP3", "MPEG_LAYER_III")}
 MP3_MAX_RATE = 48000
 FFMPEG_TIMEOUT_S = 120
 

@@ -16,21 +16,12 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from runner.device import import_torch_seconds
 from runner.events import EXIT_BAD_INPUT, EXIT_OK, EventStream, RunnerError, bad_input
 from runner.lego import EngineCache, LegoArgs, run_lego
 
 PATH_FIELDS = {"source", "checkpoints", "out"}
 LEGO_FIELDS = {f.name for f in fields(LegoArgs)}
-
-
-def preimport() -> float:
-    """Import the heavy stack now (no CUDA is initialised by importing)."""
-    started = time.perf_counter()
-    import diffusers  # noqa: F401
-    import torch  # noqa: F401
-    from diffusers import AceStepPipeline  # noqa: F401  (resolves the lazy module)
-
-    return time.perf_counter() - started
 
 
 def parse_job(line: str) -> LegoArgs | None:
@@ -82,7 +73,7 @@ class StdinLines:
 
 
 def serve(args, events: EventStream) -> int:
-    events.emit("ready", loaded=False, import_s=round(preimport(), 3))
+    events.emit("ready", loaded=False, import_s=import_torch_seconds())
     cache = EngineCache()
     idle = max(0.0, float(args.idle_timeout))
     jobs = 0

@@ -36,7 +36,7 @@ def test_stem_lines_up_with_source(tmp_path, tone, tiny_checkpoint, name, rate, 
     assert data.shape == (source_frames, 2) == (output["frames"], 2)
     assert np.isfinite(data).all() and np.abs(data).max() > 0.1
     assert np.abs(data[-rate // 100:]).max() > 0  # the tail is generated, not zero padding
-    assert sorted(p.name for p in out.iterdir()) == [f"vocals-7-1.wav"]
+    assert sorted(p.name for p in out.iterdir()) == ["vocals-7-1.wav"]
 
 
 def test_events_stages_and_progress(tmp_path, tone, tiny_checkpoint):

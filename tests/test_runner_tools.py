@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 
-import pytest
 
 from conftest import PYTHON, REPO, run_runner, runner_env, write_tone
 from runner.download import BASE_DIT_REPO, MAIN_REPO, PLAN
