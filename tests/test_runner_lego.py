@@ -80,3 +80,22 @@ def test_mp3_output_and_repaint_window(tmp_path, tone, tiny_checkpoint):
     assert run.returncode == 0, run.stderr
     info = sf.info(run.of("result")[0]["outputs"][0]["path"])
     assert info.format == "MP3" and info.samplerate == 44100
+
+
+def test_m4a_source_through_ffmpeg(tmp_path, tone, tiny_checkpoint):
+    """AAC in M4A is not libsndfile's: the runner decodes it with ffmpeg, and the stem matches what it decoded."""
+    import shutil
+    import subprocess
+
+    from runner.audio import read_source
+
+    assert shutil.which("ffmpeg"), "make test installs ffmpeg"
+    wav = tone("src.wav", 1.5, 44100, 2)
+    m4a = tmp_path / "src.m4a"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(wav), "-c:a", "aac", str(m4a)], check=True)
+    decoded = read_source(m4a, 600)
+    run = lego(m4a, tmp_path, tiny_checkpoint)
+    assert run.returncode == 0, run.stderr
+    output = run.of("result")[0]["outputs"][0]
+    data, rate = sf.read(output["path"])
+    assert rate == decoded.sample_rate == 44100 and data.shape == (decoded.frames, 2)
