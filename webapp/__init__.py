@@ -79,6 +79,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     if ckpt.demo:
         log.warning("demo: random weights: %s holds the tiny random demo checkpoint; its stems are noise, "
                     "not ACE-Step's model. Point ACESTEP_CHECKPOINTS at the real weights.", settings.acestep_checkpoints)
+    if settings.redis_url:
+        log.warning("REDIS_URL is set, but the RQ job queue is not built yet: jobs use the in-process queue")
     if not ckpt.complete:
         log.warning("checkpoint folder %s looks incomplete (missing: %s); jobs will fail until it is fixed",
                     settings.acestep_checkpoints, ", ".join(ckpt.missing))

@@ -144,7 +144,7 @@ REGISTRY: tuple[Setting, ...] = (
             "Seconds a loaded model may stay warm after a job for the next one, keeping its GPU tokens; 0 = every runner exits after its job (zero idle VRAM).", 0),
     Setting("RUNNER_PRESTART", "bool", "true",
             "Start the next runner ahead of time: it imports torch and diffusers but touches no GPU (no VRAM, no tokens) until a job is handed to it."),
-    Setting("REDIS_URL", "url", "", "Redis for the multi-host RQ job queue (DESIGN.md section 7); unset = the in-process queue.",
+    Setting("REDIS_URL", "url", "", "Reserved for the multi-host RQ job queue (DESIGN.md section 7), which is not built yet: jobs always use the in-process queue, and the service warns at start when this is set.",
             choices=("redis", "rediss", "unix")),
     Setting("WEB_THREADS", "int", "16", "gunicorn threads of the one worker (each waiting synchronous call holds one).", 2, 256),
     Setting("LOG_FORMAT", "choice", "text", "`text` for people, `json` for one JSON object per line.", choices=("text", "json")),
