@@ -147,6 +147,6 @@ def test_sigterm_mid_generation_exits_5_and_writes_nothing(tmp_path, out, tiny_c
     proc.send_signal(signal.SIGTERM)
     events += [json.loads(line) for line in proc.stdout]
     assert proc.wait(timeout=10) == 5
-    assert time.monotonic() - sent < 2.0
+    assert time.monotonic() - sent < 5.0  # "at once": well under a step of a real model; generous for a busy CI
     assert events[-1]["event"] == "error" and events[-1]["code"] == "cancelled"
     assert not any(e["event"] == "result" for e in events)
