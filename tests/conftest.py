@@ -135,11 +135,18 @@ def files_under(folder: Path) -> list[str]:
 
 @pytest.fixture
 def fake_checkpoints(tmp_path) -> Path:
-    """A folder laid out like a diffusers pipeline (names only); the fake runner never reads it."""
+    """A folder laid out like a diffusers pipeline (the files' names, placeholder contents); the fake
+    runner never reads it."""
     ck = tmp_path / "checkpoints"
     for part in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler", "condition_encoder"):
         (ck / part).mkdir(parents=True)
-        (ck / part / "config.json").write_text("{}")
+        if part == "tokenizer":
+            (ck / part / "tokenizer.json").write_text("{}")
+        elif part == "scheduler":
+            (ck / part / "scheduler_config.json").write_text("{}")
+        else:
+            (ck / part / "config.json").write_text("{}")
+            (ck / part / "model.safetensors").write_bytes(b"placeholder")
     (ck / "model_index.json").write_text(json.dumps({
         "_class_name": "AceStepPipeline", **{p: ["diffusers", "X"] for p in ("transformer", "vae", "text_encoder",
                                                                              "tokenizer", "scheduler", "condition_encoder")}}))

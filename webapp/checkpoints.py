@@ -2,8 +2,9 @@
 
 `/health` and the startup log need to say which engine the folder implies, whether it looks
 complete and whether it holds the demo's random weights; loading a model to find out would hold
-GPU memory, so this reads only names and `model_index.json`. The runner does its own, deeper
-check when it loads the weights.
+GPU memory, so this reads only names and `model_index.json`. It asks what the runner's own
+`runner/layout.py` asks (a config and a weights file in each model part), so /health never calls
+ready a folder the runner refuses; tests/test_checkpoint_views_agree.py holds the two together.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 DEMO_MARKER = "DEMO_RANDOM_WEIGHTS"
 ACESTEP_SUBFOLDERS = ("vae", "Qwen3-Embedding-0.6B")  # plus ACESTEP_CONFIG_PATH (the DiT)
 DEMO_MODEL_HEADER = "demo-random-weights"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 @dataclass
@@ -49,7 +51,9 @@ def inspect_checkpoints(folder: Path, engine_override: str = "auto", config_path
     if engine == "diffusers":
         missing = _missing_diffusers(folder)
     elif engine == "acestep":
-        missing = [name for name in (config_path, *ACESTEP_SUBFOLDERS) if not _non_empty_dir(folder / name)]
+        missing = [name for name in (config_path, *ACESTEP_SUBFOLDERS) if not _has_model(folder / name)]
+        if not missing and not (folder / "Qwen3-Embedding-0.6B" / "tokenizer.json").is_file():
+            missing.append("Qwen3-Embedding-0.6B/tokenizer.json")
     else:
         missing = ["model_index.json or " + ", ".join((config_path, *ACESTEP_SUBFOLDERS))]
     return CheckpointInfo(str(folder), engine, engine is not None and not missing, demo, missing)
@@ -63,11 +67,21 @@ def _guess_engine(folder: Path, config_path: str) -> str | None:
     return None
 
 
-def _non_empty_dir(path: Path) -> bool:
+def _has_model(path: Path) -> bool:
+    """A model part: its config.json and at least one weights file."""
     try:
-        return path.is_dir() and any(path.iterdir())
+        return (path / "config.json").is_file() and any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir())
     except OSError:
         return False
+
+
+def _has_part(folder: Path, name: str) -> bool:
+    """A diffusers pipeline part: tokenizer and scheduler are files of settings, the rest models."""
+    if name == "tokenizer":
+        return any((folder / name / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    if name == "scheduler":
+        return (folder / name / "scheduler_config.json").is_file()
+    return _has_model(folder / name)
 
 
 def _missing_diffusers(folder: Path) -> list[str]:
@@ -81,6 +95,6 @@ def _missing_diffusers(folder: Path) -> list[str]:
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or not spec or spec[0] is None:
             continue
-        if not _non_empty_dir(folder / name):
+        if not _has_part(folder, name):
             missing.append(name)
     return missing
