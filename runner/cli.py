@@ -1,21 +1,23 @@
-"""`python -m runner`: argument parsing, the event stream, signals and exit statuses.
+"""`python -m runner`: argument parsing, the event stream, logging, signals and exit statuses.
 
 stdout is reserved for JSON-lines events: the real stdout is kept for them and file
 descriptor 1 is pointed at stderr, so a library that prints cannot corrupt the stream.
+Python logging goes to stderr at INFO for the runner's own loggers (`runner`, `patches`: the
+patch outcomes, the engine's choices) and at WARNING for the libraries'. A SIGTERM ends the
+process with exit 5 through runner/cancellation.py.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
-import signal
 import sys
 import traceback
 from pathlib import Path
 
-from runner.events import (
-    EXIT_CANCELLED, EXIT_GENERATION, EXIT_OK, Cancelled, EventStream, RunnerError, bad_input,
-)
+from runner import cancellation
+from runner.events import EXIT_GENERATION, EXIT_OK, Cancelled, EventStream, RunnerError, bad_input
 from runner.tracks import TRACKS
 
 DEFAULT_CHECKPOINTS = "./checkpoints"
@@ -83,21 +85,33 @@ def _add_model_options(parser, env, with_checkpoints: bool = True) -> None:
     parser.add_argument("--offload", default=env.get("ACESTEP_OFFLOAD") or "auto", help="auto|on|off")
 
 
-def _on_sigterm(_signum, _frame):
-    raise Cancelled()
+LOG_FORMAT = "[%(name)s] %(levelname)s %(message)s"
+OWN_LOGGERS = ("runner", "patches")
+
+
+def configure_logging() -> None:
+    """INFO from the runner's own loggers on stderr, WARNING and above from everything else."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=LOG_FORMAT)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
     events = EventStream(out=os.fdopen(os.dup(1), "w", buffering=1), err=sys.stderr)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    cancellation.install()
+    configure_logging()
+    try:
+        return _run(argv, events)
+    except Cancelled:  # raised anywhere, even inside another error's handling below
+        cancellation.end_cancelled(events)  # never returns: exit 5 even with threads still running
+
+
+def _run(argv: list[str] | None, events: EventStream) -> int:
     try:
         args = build_parser().parse_args(argv)
         return _dispatch(args, events)
-    except Cancelled:
-        events.error(RunnerError("cancelled", "The job was cancelled; nothing was written.", EXIT_CANCELLED, retryable=True))
-        return EXIT_CANCELLED
     except RunnerError as err:
         events.error(err)
         return err.exit_status

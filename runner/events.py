@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from typing import IO, Any
 
 # Exit statuses (DESIGN.md section 4).
@@ -46,8 +47,11 @@ def generation_error(code: str, message: str, retryable: bool) -> RunnerError:
     return RunnerError(code, message, EXIT_GENERATION, retryable=retryable)
 
 
-class Cancelled(Exception):
-    """Raised at a step boundary after SIGTERM: the run stops, writes nothing, exits 5."""
+class Cancelled(BaseException):
+    """Raised by the SIGTERM handler (runner/cancellation.py): the run stops, writes nothing, exits 5.
+
+    A BaseException, like KeyboardInterrupt: library code's `except Exception` (ACE-Step wraps its
+    loader and its generation in those) must not turn a cancel into a failure or a retry."""
 
 
 class EventStream:
@@ -56,11 +60,14 @@ class EventStream:
     def __init__(self, out: IO[str] | None = None, err: IO[str] | None = None):
         self._out = out if out is not None else sys.stdout
         self._err = err if err is not None else sys.stderr
+        # Progress may come from an engine's worker thread (ACE-Step diffuses in one): one line at a time.
+        self._lock = threading.RLock()
 
     def emit(self, event: str, **fields: Any) -> None:
         line = json.dumps({"event": event, **fields}, separators=(",", ":"), default=str)
-        self._out.write(line + "\n")
-        self._out.flush()
+        with self._lock:
+            self._out.write(line + "\n")
+            self._out.flush()
 
     def say(self, text: str) -> None:
         """A line for a human on stderr."""
@@ -73,13 +80,14 @@ class EventStream:
         self.say(f"[runner] {name}")
 
     def progress(self, step: int, total: int) -> None:
-        self.emit("progress", step=step, total=total)
-        width = 30
-        done = int(width * step / max(total, 1))
-        self._err.write(f"\r[runner] step {step}/{total} [{'#' * done}{'.' * (width - done)}]")
-        if step >= total:
-            self._err.write("\n")
-        self._err.flush()
+        with self._lock:
+            self.emit("progress", step=step, total=total)
+            width = 30
+            done = int(width * step / max(total, 1))
+            self._err.write(f"\r[runner] step {step}/{total} [{'#' * done}{'.' * (width - done)}]")
+            if step >= total:
+                self._err.write("\n")
+            self._err.flush()
 
     def error(self, err: RunnerError) -> None:
         # exit_status: the status a one-shot run exits with; a keep-warm `serve` process stays up
