@@ -51,20 +51,11 @@ def choose(device: str = "auto", dtype: str = "auto", offload: str = "auto") -> 
     return Placement(device, dtype, use_offload, dtype_auto, name, total, cc)
 
 
-def import_torch_seconds() -> float:
-    """Import torch and the diffusers pipeline modules (diffusers imports lazily, so the pipeline
-    class is named to pull them in); the seconds it took, 0 where a keep-warm runner already has.
-    Importing touches no GPU."""
-    import sys
-    import time
+def import_torch_seconds(engine: str | None = None) -> float:
+    """Import torch and the engine's own stack, never another engine's (runner/engines)."""
+    from runner.engines import import_seconds
 
-    if "torch" in sys.modules and "diffusers.pipelines.ace_step.pipeline_ace_step" in sys.modules:
-        return 0.0
-    started = time.perf_counter()
-    import torch  # noqa: F401
-    from diffusers import AceStepPipeline  # noqa: F401
-
-    return round(time.perf_counter() - started, 3)
+    return import_seconds(engine)
 
 
 def reset_cuda_peak() -> None:

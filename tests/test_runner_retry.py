@@ -41,7 +41,7 @@ def on_fake_cuda(monkeypatch):
     monkeypatch.setattr(lego, "create_engine", lambda name: NanInHalfEngine())
     monkeypatch.setattr(placement, "reset_cuda_peak", lambda: None)
     monkeypatch.setattr(placement, "cuda_peak_allocated", lambda: None)
-    monkeypatch.setattr(placement, "import_torch_seconds", lambda: 0.0)
+    monkeypatch.setattr(placement, "import_torch_seconds", lambda engine=None: 0.0)
 
     def choose(device="auto", dtype="auto", offload="auto"):
         return placement.Placement("cuda", "float16" if dtype == "auto" else dtype, False, dtype == "auto")

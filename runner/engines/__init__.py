@@ -1,14 +1,31 @@
-"""Engines: the code that turns a validated LegoJob into stems (DESIGN.md section 3)."""
+"""Engines: the code that turns a validated LegoJob into stems (DESIGN.md section 3).
+
+Each engine pulls in a heavy stack of its own (diffusers' AceStepPipeline; the official ACE-Step
+package), and the two do not even install side by side (ACE-Step wants transformers<4.58, the
+diffusers port transformers 5): the runner imports an engine, and its stack, only when a job
+needs it. Nothing here imports torch.
+"""
 from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
 
 from runner.engines.base import Engine
 from runner.events import checkpoint_error
 
 ENGINES = ("diffusers", "acestep")
+# The heavy modules each engine's job imports (for the import timing and the image's import check).
+ENGINE_MODULES = {
+    "diffusers": ("runner.engines.diffusers_engine", "diffusers.pipelines.ace_step.pipeline_ace_step"),
+    "acestep": ("runner.engines.acestep_engine", "patches", "acestep.handler", "acestep.inference",
+                "acestep.model_downloader"),
+}
 
 
 def create(name: str) -> Engine:
-    """Import only the engine asked for: each pulls in a heavy, different stack."""
+    """Import only the engine asked for."""
     if name == "diffusers":
         from runner.engines.diffusers_engine import DiffusersEngine
 
@@ -18,3 +35,16 @@ def create(name: str) -> Engine:
 
         return AcestepEngine()
     raise checkpoint_error("unknown_engine", f"Unknown engine {name!r}; ACESTEP_ENGINE must be one of {', '.join(ENGINES)}.")
+
+
+def import_seconds(name: str | None = None) -> float:
+    """Import torch and the stack of engine `name` (default: ACESTEP_ENGINE, else torch alone); the
+    seconds it took, 0 where this process already has them. Importing touches no GPU."""
+    name = name or os.environ.get("ACESTEP_ENGINE") or None
+    wanted = ("torch", *ENGINE_MODULES.get(name, ()))
+    if all(module in sys.modules for module in wanted):
+        return 0.0
+    started = time.perf_counter()
+    for module in wanted:
+        importlib.import_module(module)
+    return round(time.perf_counter() - started, 3)
