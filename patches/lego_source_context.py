@@ -11,8 +11,16 @@ on silence and the generated stem ignores the source.
 
 The fix: for lego with a source and a missing or negative end, the second return value is None.
 `_prepare_batch` then takes its full-mask branch, which keeps `src_latents` equal to the
-encoded source. The official repository later made the same change inside the function; there
-the probe below sees None already and the patch reports "already fixed upstream".
+encoded source.
+
+Whether the fix is needed is decided by behaviour, not by reading one function: the probe
+(patches/lego_probe.py) runs the installed `generate_music` up to the conditioning batch and
+looks at `src_latents`. The official repository fixed the silencing in another place (its
+conditioning masks keep the source for lego, 2026-03-11) while `prepare_padding_info` still ends
+the window at the source's length: there the probe sees the source and the patch reports
+"already fixed upstream" without wrapping anything. Where the source is silenced, the wrapper is
+installed and the probe runs again: only if the source then reaches the conditioning is the
+outcome "applied"; otherwise the wrapper is removed and the outcome is "target not found".
 """
 from __future__ import annotations
 
@@ -20,9 +28,9 @@ import functools
 import inspect
 from numbers import Real
 
+from patches import lego_probe
 from patches._wrapping import (
     APPLIED,
-    LOG,
     NOT_FOUND,
     UPSTREAM_FIXED,
     Outcome,
@@ -35,16 +43,22 @@ from patches._wrapping import (
 NAME = "lego_source_context"
 ATTR = "prepare_padding_info"
 NEEDED_PARAMETERS = ("processed_src_audio", "repainting_end", "is_lego_task")
-SAMPLE_RATE = 48000
+
+
+def _import_handler() -> tuple[type | None, str]:
+    try:
+        from acestep.handler import AceStepHandler
+    except Exception as exc:  # ImportError, or the package failing at import time
+        return None, f"acestep.handler does not import: {type(exc).__name__}: {exc}"
+    return AceStepHandler, ""
 
 
 def find_owner(handler_class: type | None = None) -> tuple[type | None, str]:
     """The class that defines `prepare_padding_info` for AceStepHandler (itself or a mixin)."""
     if handler_class is None:
-        try:
-            from acestep.handler import AceStepHandler as handler_class
-        except Exception as exc:  # ImportError, or the package failing at import time
-            return None, f"acestep.handler does not import: {type(exc).__name__}: {exc}"
+        handler_class, why = _import_handler()
+        if handler_class is None:
+            return None, why
     owner = defining_class(handler_class, ATTR)
     if owner is None:
         return None, f"{handler_class.__qualname__} has no {ATTR}"
@@ -52,6 +66,10 @@ def find_owner(handler_class: type | None = None) -> tuple[type | None, str]:
 
 
 def apply(handler_class: type | None = None) -> Outcome:
+    if handler_class is None:
+        handler_class, why = _import_handler()
+        if handler_class is None:
+            return Outcome(NAME, NOT_FOUND, why)
     owner, where, done = locate(NAME, ATTR, find_owner(handler_class))
     if done is not None:
         return done
@@ -60,10 +78,17 @@ def apply(handler_class: type | None = None) -> Outcome:
     missing = [p for p in NEEDED_PARAMETERS if p not in parameters]
     if missing:
         return Outcome(NAME, NOT_FOUND, f"{where} has no parameter {', '.join(missing)}; its API changed")
-    if _upstream_keeps_source(original):
-        return Outcome(NAME, UPSTREAM_FIXED, f"{where} already returns None for a lego end of -1")
-    install(owner, ATTR, NAME, _wrap(original))
-    return Outcome(NAME, APPLIED, f"wrapped {where}")
+    try:
+        if lego_probe.source_reaches_conditioning(handler_class):
+            return Outcome(NAME, UPSTREAM_FIXED, "the installed generate_music already conditions lego on the source; nothing wrapped")
+        install(owner, ATTR, NAME, _wrap(original))
+        if lego_probe.source_reaches_conditioning(handler_class):
+            return Outcome(NAME, APPLIED, f"wrapped {where}: lego's conditioning now holds the source, not silence")
+    except Exception as exc:  # the probe could not run this acestep: say so, leave it unpatched
+        remove(owner, ATTR, NAME)
+        return Outcome(NAME, NOT_FOUND, f"the probe could not run the installed code ({type(exc).__name__}: {exc})")
+    remove(owner, ATTR, NAME)
+    return Outcome(NAME, NOT_FOUND, f"wrapping {where} did not bring the source into lego's conditioning")
 
 
 def undo(handler_class: type | None = None) -> bool:
@@ -89,36 +114,3 @@ def _wrap(original):
         return result
 
     return prepare_padding_info
-
-
-class _ProbeHost:
-    """Stands in for `self`: the lego-with-source path reads nothing from it; the fallbacks make silence."""
-
-    def create_target_wavs(self, duration_seconds):
-        import torch
-
-        return torch.zeros(2, int(duration_seconds * SAMPLE_RATE))
-
-
-def _upstream_keeps_source(original) -> bool:
-    """Call the installed function once on a 0.1 s source, lego, end None: does it return None already?"""
-    import torch
-
-    probe = {
-        "actual_batch_size": 1,
-        "processed_src_audio": torch.full((2, SAMPLE_RATE // 10), 0.1),
-        "audio_duration": None,
-        "repainting_start": 0.0,
-        "repainting_end": None,
-        "is_repaint_task": False,
-        "is_lego_task": True,
-        "is_cover_task": False,
-        "can_use_repainting": True,
-    }
-    parameters = inspect.signature(original).parameters
-    try:
-        result = original(_ProbeHost(), **{k: v for k, v in probe.items() if k in parameters})
-        return result[1] is None
-    except Exception as exc:
-        LOG.warning("%s: probing %s failed (%s: %s); wrapping it anyway", NAME, ATTR, type(exc).__name__, exc)
-        return False

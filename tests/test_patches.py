@@ -1,4 +1,5 @@
 """The three acestep patches, on the real installed code (ace-step15-fork 20260212, nano-vllm-fork).
+The lego patch's own tests are in test_lego_patch.py.
 
 Every test starts and ends with the original functions in place (`patches.undo()`), so order does
 not matter. Each "fixed" assertion is paired with the unpatched behaviour, so a no-op patch fails.
@@ -18,7 +19,6 @@ import torch
 
 import patches
 from patches import graph_capture_fallback, lego_source_context, llm_eager_mode
-from patches._wrapping import MARK
 
 ROOT = Path(__file__).resolve().parents[1]
 LEGO_INSTRUCTION = "Generate the DRUMS track based on the audio context:"
@@ -66,139 +66,6 @@ def test_importing_patches_imports_neither_torch_nor_acestep():
     code = "import sys, patches; print(sorted(m for m in ('torch', 'acestep', 'nanovllm') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-
-
-# --- patch 1: lego source context ----------------------------------------------------------------
-
-def test_real_prepare_padding_info_ends_lego_at_source_length_until_patched():
-    handler = new_handler()
-    start, end, wavs = handler.prepare_padding_info(**padding_arguments())
-    assert (start, end) == ([0.0], [2.0])  # the bug: a repaint window over the whole clip
-
-    assert patches.apply()["lego_source_context"].status == patches.APPLIED
-    fixed_start, fixed_end, fixed_wavs = handler.prepare_padding_info(**padding_arguments())
-    assert (fixed_start, fixed_end) == ([0.0], None)
-    assert torch.equal(fixed_wavs, wavs)
-
-
-def test_patch_leaves_other_cases_to_the_original():
-    patches.apply()
-    handler = new_handler()
-    assert handler.prepare_padding_info(**padding_arguments(repainting_end=1.5))[1] == [1.5]
-    assert handler.prepare_padding_info(**padding_arguments(repainting_end=-1))[1] is None
-    repaint = padding_arguments(is_lego_task=False, is_repaint_task=True)
-    assert handler.prepare_padding_info(**repaint)[1] == [2.0]
-    no_source = padding_arguments(processed_src_audio=None, audio_duration=3.0)
-    assert handler.prepare_padding_info(**no_source)[1] is None
-
-
-def _word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]")
-
-
-def _conditioning_for_lego(handler):
-    """Run the real prepare_padding_info and _prepare_batch; the VAE is replaced by a constant encoder."""
-    handler.device, handler.dtype = "cpu", torch.float32
-    handler.text_tokenizer = _word_tokenizer()
-    handler.silence_latent = torch.full((1, 1000, 64), -5.0)
-    handler._encode_audio_to_latents = lambda wav: torch.full((wav.shape[-1] // 1920, 64), 1.0)
-    start, end, wavs = handler.prepare_padding_info(**padding_arguments())
-    return handler._prepare_batch(
-        captions=["live acoustic drum kit"], lyrics=[""], target_wavs=wavs, refer_audios=[[torch.zeros(2, 48000)]],
-        metas=[{"bpm": 120}], vocal_languages=["unknown"], repainting_start=start, repainting_end=end,
-        instructions=[LEGO_INSTRUCTION], audio_code_hints=[None],
-    )
-
-
-def test_unpatched_lego_conditions_the_dit_on_silence_and_patched_on_the_source():
-    source_frames = 2 * 48000 // 1920  # 50 latent frames of encoded source
-    batch = _conditioning_for_lego(new_handler())
-    assert torch.all(batch["src_latents"][0, :source_frames] == -5.0)  # silence_latent: the source is gone
-
-    patches.apply()
-    batch = _conditioning_for_lego(new_handler())
-    assert torch.all(batch["src_latents"][0, :source_frames] == 1.0)  # the encoded source
-    assert bool(batch["chunk_masks"].all())  # the full-mask branch
-
-
-def test_real_generate_music_passes_no_end_to_the_diffusion_once_patched():
-    class Stop(Exception):
-        pass
-
-    def end_seen_by_service_generate():
-        handler = new_handler()
-        handler.model = handler.vae = handler.text_tokenizer = handler.text_encoder = object()
-        handler.process_src_audio = lambda path: torch.full((2, 2 * 48000), 0.1)
-        seen = {}
-
-        def service_generate(**kwargs):
-            seen.update(kwargs)
-            raise Stop
-
-        handler.service_generate = service_generate
-        handler.generate_music(
-            captions="drums", lyrics="", bpm=120, src_audio="source.wav", task_type="lego",
-            instruction=LEGO_INSTRUCTION, repainting_start=0.0, repainting_end=-1, batch_size=1,
-            use_random_seed=False, seed=7, inference_steps=2,
-        )
-        return seen["repainting_end"]
-
-    assert end_seen_by_service_generate() == [2.0]
-    patches.apply()
-    assert end_seen_by_service_generate() is None
-
-
-def test_apply_twice_wraps_once_and_undo_restores():
-    original = handler_class().__dict__["prepare_padding_info"]
-    first, second = patches.apply(), patches.apply()
-    assert first["lego_source_context"].status == second["lego_source_context"].status == patches.APPLIED
-    assert "already wrapped" in second["lego_source_context"].detail
-    wrapper = handler_class().__dict__["prepare_padding_info"]
-    assert wrapper is not original and wrapper.__wrapped__ is original
-    assert getattr(wrapper, MARK) == "lego_source_context"
-    assert patches.undo()["lego_source_context"] is True
-    assert handler_class().__dict__["prepare_padding_info"] is original
-
-
-def _buggy_padding(self, actual_batch_size, processed_src_audio, audio_duration, repainting_start,
-                   repainting_end, is_repaint_task, is_lego_task, is_cover_task, can_use_repainting):
-    """The fork's behaviour in small: a missing end becomes the source's duration."""
-    end = processed_src_audio.shape[-1] / 48000 if repainting_end is None else repainting_end
-    return [repainting_start], [end], processed_src_audio.unsqueeze(0)
-
-
-def test_split_layout_patches_the_mixin_that_defines_the_method():
-    class PaddingMixin:
-        prepare_padding_info = _buggy_padding
-
-    class SplitHandler(PaddingMixin):
-        pass
-
-    outcome = lego_source_context.apply(SplitHandler)
-    assert outcome.status == patches.APPLIED and "PaddingMixin" in outcome.detail
-    assert getattr(PaddingMixin.__dict__["prepare_padding_info"], MARK) == "lego_source_context"
-    assert SplitHandler().prepare_padding_info(**padding_arguments())[1] is None
-    assert lego_source_context.undo(SplitHandler) is True
-    assert SplitHandler().prepare_padding_info(**padding_arguments())[1] == [2.0]
-
-
-def test_upstream_fix_is_detected_and_left_alone():
-    class FixedUpstream:
-        def prepare_padding_info(self, actual_batch_size, processed_src_audio, audio_duration, repainting_start,
-                                 repainting_end, is_repaint_task, is_lego_task, is_cover_task, can_use_repainting,
-                                 is_complete_task=False):
-            end = None if is_lego_task and repainting_end is None else [repainting_end]
-            return [repainting_start], end, processed_src_audio.unsqueeze(0)
-
-    original = FixedUpstream.__dict__["prepare_padding_info"]
-    outcome = lego_source_context.apply(FixedUpstream)
-    assert outcome.status == patches.UPSTREAM_FIXED
-    assert FixedUpstream.__dict__["prepare_padding_info"] is original
 
 
 def test_missing_or_changed_target_is_reported_not_found():
