@@ -6,32 +6,25 @@ Two installed APIs are supported, told apart by `inspect.signature(initialize_se
 - ace-step15-fork 20260212 from PyPI (single-file handler): `initialize_service(checkpoint_dir=...)`.
 Anything else is refused with `acestep_unsupported` (exit 3).
 
-ACE-Step's loader checks for, and downloads when absent, parts lego never reads (the turbo DiT and
-the 1.7B language model). The engine therefore hands it a private view of the checkpoint folder:
-links to the real parts, and empty placeholders for the unused ones, so it never downloads.
+ACE-Step's loader downloads the parts of its main model it finds missing, lego needs only some of
+them, and it rewrites a checkpoint's model code in place: it gets a private view of the folder
+(acestep_view.py), so it never downloads and never writes into the real folder.
 
-`generate_music` reports only coarse progress fractions (the fork: 0.52 before diffusion, 0.8
-before decoding; the official repository also 0.52..0.79 while diffusing); they are mapped onto
-stages and steps, and the last step is reported when the audio is back. ACE-Step turns every
-exception inside `generate_music` into a failed result, so a `Cancelled` (from `on_step`, or from
-the runner's SIGTERM handler) is remembered and raised once `generate_music` returns: exit 5, not a
-generation failure.
-
-What was verified here: API detection, the checkpoint view, loading failures and the arguments
-built for `generate_music`, all against the real ace-step15-fork classes. No ACE-Step-layout
-weights exist on this machine, so this engine has NOT generated audio here.
+The engine always asks for the whole clip (no repaint end, ACE-Step's "aggressive" repaint mode:
+no source latents injected, no source waveform spliced back); the runner applies a repaint
+window itself (runner/window.py), the same way for both engines. Progress comes from ACE-Step's
+own diffusion loop (acestep_progress.py). SIGTERM raises `Cancelled`, a BaseException that
+ACE-Step's `except Exception` blocks (its DiT loader's retry, initialize_service,
+generate_music) cannot swallow; the engine also checks for a cancel once each ACE-Step call
+returns. Verified on the official code by `make official-check`, and here on the fork's code.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import logging
-import math
 import os
-import signal
 import tempfile
-import threading
 from pathlib import Path
 from typing import Optional
 
@@ -39,8 +32,11 @@ import numpy as np
 import soundfile as sf
 
 import patches
+from runner import cancellation
+from runner.engines.acestep_progress import DiffusionProgress
+from runner.engines.acestep_view import build_checkpoint_view
 from runner.engines.base import MODEL_SAMPLE_RATE, LegoJob, LoadOptions, StageCallback, StepCallback
-from runner.events import Cancelled, RunnerError, checkpoint_error, generation_error
+from runner.events import RunnerError, checkpoint_error, generation_error
 from runner.tracks import lego_instruction
 
 LOG = logging.getLogger("runner.acestep")
@@ -48,16 +44,12 @@ LOG = logging.getLogger("runner.acestep")
 OFFICIAL = "official"
 FORK = "fork"
 DIT_CONFIG = "acestep-v15-base"
-# Parts ACE-Step's downloader requires before loading anything, which lego never reads.
-UNUSED_PARTS = ("acestep-v15-turbo", "acestep-5Hz-lm-1.7B")
 # GenerationParams fields without which this engine cannot express a lego job.
 REQUIRED_PARAMS = (
     "task_type", "instruction", "src_audio", "caption", "bpm", "inference_steps", "guidance_scale",
     "repainting_start", "repainting_end", "thinking", "use_cot_metas", "use_cot_caption", "use_cot_language",
 )
 REQUIRED_CONFIG = ("batch_size", "use_random_seed", "seeds")
-# generate_music's progress fractions (acestep/handler.py; official runtime_progress_relay: 0.52..0.79).
-GENERATING_FROM, GENERATING_TO, DECODING_FROM = 0.52, 0.79, 0.8
 
 
 def unsupported(message: str) -> RunnerError:
@@ -76,19 +68,6 @@ def detect_api(initialize_service) -> str:
         "the official ACE-Step 1.5 API (project_root=) nor ace-step15-fork 20260212's (checkpoint_dir=); "
         "install one of those two."
     )
-
-
-def build_checkpoint_view(checkpoints: Path, view: Path) -> Path:
-    """`<view>/checkpoints/`: links to every part of `checkpoints`, empty folders for UNUSED_PARTS.
-
-    Returns the project root (`view`) that the official API wants."""
-    folder = view / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    for part in sorted(Path(checkpoints).iterdir()):
-        (folder / part.name).symlink_to(part.resolve(), target_is_directory=part.is_dir())
-    for part in UNUSED_PARTS:
-        (folder / part).mkdir(exist_ok=True)
-    return view
 
 
 def init_kwargs(api: str, project_root: Path, options: LoadOptions, accepted) -> dict:
@@ -120,7 +99,9 @@ def _time_signature(value: Optional[str]) -> str:
 
 
 def lego_fields(job: LegoJob, source_path: Path, instruction: str) -> dict:
-    """GenerationParams fields for one lego job: no language model, no chain of thought."""
+    """GenerationParams fields for one lego job: no language model, no chain of thought, the whole
+    clip (a repaint window is the runner's, runner/window.py: ACE-Step's own repaint machinery
+    would paste the source into the stem)."""
     return {
         "task_type": "lego",
         "instruction": instruction,
@@ -136,8 +117,9 @@ def lego_fields(job: LegoJob, source_path: Path, instruction: str) -> dict:
         "inference_steps": job.steps,
         "guidance_scale": job.guidance_scale,
         "seed": job.seed,
-        "repainting_start": job.repaint_start,
-        "repainting_end": job.repaint_end,
+        "repainting_start": 0.0,
+        "repainting_end": -1,
+        "repaint_mode": "aggressive",  # official: no source latents injected, no source waveform spliced
         "thinking": False,
         "use_cot_metas": False,
         "use_cot_caption": False,
@@ -174,74 +156,6 @@ def build_params(params_class, job: LegoJob, source_path: Path, instruction: str
 
 def build_config(config_class, job: LegoJob):
     return _instantiate(config_class, config_fields(job), REQUIRED_CONFIG)
-
-
-class ProgressRelay:
-    """generate_music's `progress(fraction, desc=...)` turned into on_stage / on_step, monotonic."""
-
-    def __init__(self, total: int, on_stage: StageCallback, on_step: StepCallback):
-        self.total, self.on_stage, self.on_step = total, on_stage, on_step
-        self.stages: list[str] = []
-        self.step = 0
-        self.cancelled: Optional[Cancelled] = None
-
-    def __call__(self, fraction, desc=None, **_ignored):
-        if self.cancelled is not None:
-            return
-        try:
-            fraction = float(fraction)
-            if fraction >= DECODING_FROM:
-                self._stage("generating")
-                self._step(self.total)
-                self._stage("decoding")
-            elif fraction >= GENERATING_FROM:
-                self._stage("generating")
-                share = (fraction - GENERATING_FROM) / (GENERATING_TO - GENERATING_FROM)
-                self._step(min(self.total - 1, math.floor(share * self.total)))
-        except Cancelled as cancelled:
-            self.cancelled = cancelled
-            raise
-
-    def finish(self) -> None:
-        """The audio is back: every step is done, whatever was reported on the way."""
-        self.raise_if_cancelled()
-        self._stage("generating")
-        self._step(self.total)
-
-    def raise_if_cancelled(self) -> None:
-        if self.cancelled is not None:
-            raise self.cancelled
-
-    def _stage(self, name: str) -> None:
-        if name not in self.stages:
-            self.stages.append(name)
-            self.on_stage(name)
-
-    def _step(self, step: int) -> None:
-        if step > self.step:
-            self.step = step
-            self.on_step(step, self.total)
-
-
-@contextlib.contextmanager
-def sigterm_remembered(relay: ProgressRelay):
-    """ACE-Step turns every exception inside generate_music into a failed result, the runner's SIGTERM
-    `Cancelled` included. While generate_music runs, a SIGTERM is also noted on `relay` (and the
-    runner's own handler still runs, stopping the work), so the engine raises Cancelled afterwards."""
-    previous = signal.getsignal(signal.SIGTERM)
-    if not callable(previous) or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def note_then_delegate(signum, frame):
-        relay.cancelled = relay.cancelled or Cancelled()
-        previous(signum, frame)
-
-    signal.signal(signal.SIGTERM, note_then_delegate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def failure(result) -> RunnerError:
@@ -319,6 +233,7 @@ class AcestepEngine:
     def load(self, checkpoints: Path, options: LoadOptions) -> None:
         os.environ["ACESTEP_INIT_LLM"] = "false"
         self.patch_outcomes = patches.apply()
+        cancellation.raise_if_requested()
         lego = self.patch_outcomes.get(patches.lego_source_context.NAME)
         if lego is None or lego.status == patches.NOT_FOUND:
             raise unsupported(f"The lego source-context fix cannot be applied ({lego}); lego would ignore the source.")
@@ -326,12 +241,15 @@ class AcestepEngine:
             raise checkpoint_error("checkpoint_missing", f"The checkpoint folder {checkpoints} does not exist.")
         handler_class, _ = _import_acestep()
         self.api = detect_api(handler_class.initialize_service)
-        handler = handler_class()
         self._view = tempfile.TemporaryDirectory(prefix="acestep-checkpoints-")
         project_root = build_checkpoint_view(Path(checkpoints), Path(self._view.name))
+        # ACE-Step resolves its folders (and writes its progress-time cache) from these: the view.
         os.environ["ACESTEP_CHECKPOINTS_DIR"] = str(project_root / "checkpoints")
+        os.environ["ACESTEP_PROJECT_ROOT"] = str(project_root)
+        handler = handler_class()
         accepted = inspect.signature(handler.initialize_service).parameters
         status, ok = handler.initialize_service(**init_kwargs(self.api, project_root, options, accepted))
+        cancellation.raise_if_requested()  # in case ACE-Step caught the Cancelled raised inside it
         if not ok:
             first_line = next((line for line in str(status).splitlines() if line.strip()), "no reason given")
             first_line = first_line.replace(str(project_root / "checkpoints"), str(checkpoints))
@@ -339,24 +257,29 @@ class AcestepEngine:
         match_precision(handler, options.dtype)
         self.handler, self.device = handler, options.device
 
+    def describe(self) -> dict:
+        """For the result event: what this engine ran, and what each patch did."""
+        return {
+            "acestep_api": self.api,
+            "patches": {name: {"status": o.status, "detail": o.detail} for name, o in self.patch_outcomes.items()},
+        }
+
     def generate(self, job: LegoJob, on_stage: StageCallback, on_step: StepCallback) -> list[np.ndarray]:
         if self.handler is None:
             raise RuntimeError("AcestepEngine.generate() before load()")
         _, inference = _import_acestep()
+        on_stage("encoding")  # until the diffusion starts: reading the source, VAE and text encoding
         with tempfile.TemporaryDirectory(prefix="acestep-lego-") as work:
             source_path = Path(work) / "source.wav"
             sf.write(source_path, job.source.T, MODEL_SAMPLE_RATE, subtype="FLOAT")
             self._check_source_readable(source_path, job.source.shape[-1])
             params = build_params(inference.GenerationParams, job, source_path, instruction_for(self.handler, job.track))
             config = build_config(inference.GenerationConfig, job)
-            relay = ProgressRelay(job.steps, on_stage, on_step)
-            on_stage("encoding")
-            with sigterm_remembered(relay):
-                result = inference.generate_music(self.handler, None, params, config, str(Path(work) / "out"), progress=relay)
-            relay.raise_if_cancelled()
-            stems = read_stems(result, job.batch_size)
-        relay.finish()
-        return stems
+            with DiffusionProgress(self.handler.model, job.steps, on_stage, on_step):
+                # save_dir None: ACE-Step keeps the audio in memory and writes no file of its own.
+                result = inference.generate_music(self.handler, None, params, config, None, progress=None)
+            cancellation.raise_if_requested()  # ACE-Step turns any exception into a failed result
+        return read_stems(result, job.batch_size)
 
     def _check_source_readable(self, path: Path, frames: int) -> None:
         """ACE-Step returns None for a source it cannot read and then runs lego on nothing; refuse instead."""
