@@ -15,6 +15,7 @@ from typing import Optional
 from runner import audio as audio_io
 from runner import device as placement
 from runner import quality
+from runner import window as repaint_window
 from runner.engines import create as create_engine
 from runner.engines.base import LegoJob, LoadOptions
 from runner.events import EventStream, bad_input, checkpoint_error, RunnerError
@@ -118,7 +119,7 @@ def run_lego(args: LegoArgs, events: EventStream, cache: EngineCache) -> dict:
 
     events.stage("loading")
     t = time.perf_counter()
-    timings["import_s"] = placement.import_torch_seconds()
+    timings["import_s"] = placement.import_torch_seconds(layout.engine)
     chosen = placement.choose(args.device, args.dtype, args.offload)
     placement.reset_cuda_peak()
     loads_before = cache.loads
@@ -129,8 +130,8 @@ def run_lego(args: LegoArgs, events: EventStream, cache: EngineCache) -> dict:
         source=audio_io.to_model_input(source), track=args.track, bpm=args.bpm,
         caption=args.caption or DEFAULT_CAPTIONS[args.track], steps=args.steps, batch_size=args.batch_size,
         seed=seed, key=args.key, time_signature=args.time_signature, guidance_scale=args.guidance_scale,
-        repaint_start=args.repaint_start, repaint_end=args.repaint_end,
     )
+    window = repaint_window.Window.from_args(args.repaint_start, args.repaint_end)
     retried_in_float32 = False
     try:
         stems = _generate(loaded, job, events, timings)
@@ -144,6 +145,7 @@ def run_lego(args: LegoArgs, events: EventStream, cache: EngineCache) -> dict:
         stems = _generate(loaded, job, events, timings)
         quality.check_stems(stems, job.source, "float32")
 
+    stems = [repaint_window.apply(stem, window, audio_io.MODEL_RATE) for stem in stems]
     events.stage("writing")
     t = time.perf_counter()
     outputs = _write(stems, args, source, seed)
@@ -162,7 +164,15 @@ def run_lego(args: LegoArgs, events: EventStream, cache: EngineCache) -> dict:
         "demo": layout.demo,
         "retried_in_float32": retried_in_float32,
         "reused_loaded_model": reused,
+        "window": window.describe(),
+        **_engine_details(loaded.engine),
     }
+
+
+def _engine_details(engine) -> dict:
+    """What the engine says about itself (the acestep engine: its API and each patch's outcome)."""
+    describe = getattr(engine, "describe", None)
+    return describe() if callable(describe) else {}
 
 
 def _engine_for(cache: EngineCache, engine_name: str, checkpoints: Path, device: str, dtype: str, offload: bool) -> LoadedEngine:

@@ -24,15 +24,14 @@ class LegoJob:
     key: Optional[str] = None
     time_signature: Optional[str] = None
     guidance_scale: float = 7.0
-    repaint_start: float = 0.0
-    repaint_end: float = -1.0  # negative: to the end of the clip
+    # No repaint window: an engine always generates the whole clip; the runner gates it (runner/window.py).
 
     @property
     def seconds(self) -> float:
         return self.source.shape[-1] / MODEL_SAMPLE_RATE
 
 
-StepCallback = Callable[[int, int], None]  # (step, total); may raise Cancelled
+StepCallback = Callable[[int, int], None]  # (step, total)
 StageCallback = Callable[[str], None]  # "encoding" | "generating" | "decoding"
 
 
@@ -50,7 +49,9 @@ class Engine(Protocol):
         """Load weights onto the device; raise RunnerError (exit 3) if unloadable."""
 
     def generate(self, job: LegoJob, on_stage: StageCallback, on_step: StepCallback) -> list[np.ndarray]:
-        """Return `job.batch_size` stems, float32 (2, frames) at 48 kHz, at least the source's length."""
+        """Return `job.batch_size` whole-clip stems, float32 (2, frames) at 48 kHz, at least the source's
+        length. on_stage: "encoding" before the source is encoded, "generating" when the diffusion
+        loop starts, "decoding" when it ends; on_step: once per diffusion step actually run."""
 
     def peak_vram_bytes(self) -> Optional[int]:
         """torch's peak reserved memory on CUDA, else None."""

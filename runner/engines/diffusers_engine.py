@@ -88,8 +88,8 @@ class DiffusersEngine:
                     task_type="lego",
                     track_name=job.track.upper(),
                     src_audio=torch.from_numpy(source),
-                    repainting_start=job.repaint_start,
-                    repainting_end=job.repaint_end,
+                    repainting_start=0.0,  # the whole clip: a repaint window is the runner's (runner/window.py)
+                    repainting_end=-1.0,
                 ).audios
                 on_stage("decoding")
                 audio = pipe.vae.decode(latents.transpose(1, 2).to(pipe.vae.dtype)).sample.float()
