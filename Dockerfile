@@ -24,7 +24,8 @@ ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
 
 # ---------------------------------------------------------------------------------------------
 # builder: a virtual environment with torch, the official ACE-Step 1.5 and what it needs.
-# Nothing here depends on this project's source, so the layers stay cached across code changes.
+# Nothing here depends on this project's code (only on its package list), so the layers stay
+# cached across code changes.
 # ---------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS builder
 
@@ -45,58 +46,29 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
-# torch, torchaudio, torchvision: ACE-Step's Linux x86_64 pins (see the top of this file).
-ARG TORCH_VERSION=2.10.0
-ARG TORCHVISION_VERSION=0.25.0
-RUN pip install --no-cache-dir \
-        "torch==${TORCH_VERSION}" \
-        "torchaudio==${TORCH_VERSION}" \
-        "torchvision==${TORCHVISION_VERSION}"
-
-# What the acestep package needs to run the DiT, the VAE and the text encoder, with the versions
-# of ACE-Step's own uv.lock where it fixes them (transformers 4.57.6 keeps its <4.58 bound;
-# torchao 0.16 and torchcodec 0.10 are the releases built against torch 2.10). Left out on
-# purpose: nano-vllm and flash-attn (the 5Hz language model, which this service never loads,
-# and flash-attn needs Ampere or newer anyway), gradio/fastapi/uvicorn (ACE-Step's own UI and
-# API server), lightning/tensorboard (training), modelscope (a download fallback; weights come
-# through huggingface_hub, see `python -m runner download`). The torch pins are repeated so pip
-# can never swap the build installed above. A RUN of its own, apart from torch's (DL3059):
-# changing one of these pins must not download torch's few GB again.
-# hadolint ignore=DL3059
-RUN pip install --no-cache-dir \
-        "torch==${TORCH_VERSION}" \
-        "torchaudio==${TORCH_VERSION}" \
-        "torchvision==${TORCHVISION_VERSION}" \
-        "transformers==4.57.6" \
-        "diffusers==0.37.1" \
-        "accelerate==1.12.0" \
-        "safetensors==0.7.0" \
-        "torchao==0.16.0" \
-        "torchcodec==0.10.0" \
-        "vector-quantize-pytorch==1.27.20" \
-        "einops==0.8.2" \
-        "loguru>=0.7.3" \
-        "soundfile>=0.13.1" \
-        "scipy>=1.10.1" \
-        "numba>=0.63.1" \
-        "matplotlib>=3.7.5" \
-        "peft>=0.18.0" \
-        "lycoris-lora>=3.0" \
-        "toml>=0.10" \
-        "diskcache>=5.6" \
-        "typer-slim>=0.21.1" \
-        "pytorch-wavelets>=1.3.0" \
-        "pywavelets>=1.9.0"
+# The image's Python packages: one list, image/requirements.txt (torch 2.10.0 and what ACE-Step
+# needs to run lego, with the reasons for each pin). `make image-env` installs the same list into a
+# venv on a machine without Docker, where `make official-check` tests it. Only that file is copied
+# here, so code changes do not redo this layer.
+COPY image/requirements.txt /tmp/image-requirements.txt
+RUN pip install --no-cache-dir -r /tmp/image-requirements.txt
 
 # The official ACE-Step 1.5 (github.com/ace-step/ACE-Step-1.5), installed from git at a pinned
-# commit. Not from PyPI: there ACE-Step 1.5 exists only as `ace-step15-fork` (20260212), an
+# commit: 6d467e4b5081ccb0abf1ec1bf4fdf9051a2d34b0, official `main` of 2026-06-26 ("test(api):
+# update auto-label alias expectation"), the newest official main that could be found (the
+# ace-step/ACE-Step-1.5 copies reachable while this was written stop at 2026-02-08; mirrors of its
+# main, such as arkhaminferno/ACE-Step-1.5, carry it). How it was checked: a checkout whose files
+# are byte-identical to that commit's tree passed `make official-check` (docs/DEPLOY.md): every
+# module the runner imports, two jobs through `python -m runner serve` on a tiny checkpoint built
+# from its own model classes, SIGTERM during load and diffusion. Run it again before moving the pin.
+# Not from PyPI: there ACE-Step 1.5 exists only as `ace-step15-fork` (20260212), an
 # unofficial February-2026 snapshot of a single-file handler, and the `ace-step` name holds
 # ACE-Step 1.0. --no-deps because its dependency list names nano-vllm as a local path of the
-# repository (and the UI/training stacks left out above); the dependencies it needs for
-# inference are installed by the previous layer. The freeze becomes the constraints file that
-# keeps the web layer's dependencies from moving any of these versions.
+# repository (and the UI/training stacks left out of image/requirements.txt); the dependencies
+# it needs for inference are installed by the previous layer. The freeze becomes the constraints
+# file that keeps the web layer's dependencies from moving any of these versions.
 ARG ACESTEP_REPO=https://github.com/ace-step/ACE-Step-1.5.git
-ARG ACESTEP_COMMIT=0333298c2a1d793d74798a69b5154e7877cbf5f4
+ARG ACESTEP_COMMIT=6d467e4b5081ccb0abf1ec1bf4fdf9051a2d34b0
 # DL3013 wants `==`; a git URL pinned to a full commit hash is pinned at least as tightly.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir --no-deps "ace-step @ git+${ACESTEP_REPO}@${ACESTEP_COMMIT}" \
@@ -107,7 +79,7 @@ RUN pip install --no-cache-dir --no-deps "ace-step @ git+${ACESTEP_REPO}@${ACEST
 # ---------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE}
 
-ARG ACESTEP_COMMIT=0333298c2a1d793d74798a69b5154e7877cbf5f4
+ARG ACESTEP_COMMIT=6d467e4b5081ccb0abf1ec1bf4fdf9051a2d34b0
 LABEL org.opencontainers.image.title="acestep-stem-service" \
       org.opencontainers.image.description="Vocals, backing vocals or drums stems that fit a source stem, with ACE-Step 1.5's lego task (T4 image)" \
       org.opencontainers.image.licenses="Apache-2.0" \
@@ -135,25 +107,27 @@ ENV VIRTUAL_ENV=/opt/venv \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Import ACE-Step's generation entry points here, where ffmpeg and libsndfile are present, so a
-# module the pinned commit needs but the builder left out fails the build, not the first job.
-# Importing does not touch CUDA, so no GPU is needed to build.
-RUN python -c "import acestep.handler, acestep.inference"
-
 WORKDIR /app
 
-# The web layer's dependencies (setup.cfg install_requires, never the `runner` extra: its
-# diffusers 0.42.1 / transformers 5 stack conflicts with ACE-Step's transformers<4.58), held to
-# the versions of the ACE-Step environment by the constraints file written in the builder.
-# Only setup.cfg is copied first, so code changes do not redo this layer.
+# The web layer's dependencies (setup.cfg install_requires, read by image/web_requirements.py as
+# `make image-env` reads them; never the `runner` extra: its diffusers 0.42.1 / transformers 5
+# stack conflicts with ACE-Step's transformers<4.58), held to the versions of the ACE-Step
+# environment by the constraints file written in the builder. Only these files are copied first,
+# so code changes do not redo this layer.
 COPY setup.cfg pyproject.toml ./
-RUN python -c "import configparser, subprocess, sys; cfg = configparser.ConfigParser(); cfg.read('setup.cfg'); reqs = [r.strip() for r in cfg['options']['install_requires'].splitlines() if r.strip() and not r.strip().startswith('#')]; subprocess.check_call([sys.executable, '-m', 'pip', 'install', '--no-cache-dir', '-c', '/opt/venv/acestep-constraints.txt', *reqs])"
+COPY image/web_requirements.py image/
+RUN python image/web_requirements.py setup.cfg > /tmp/web-requirements.txt \
+    && pip install --no-cache-dir -c /opt/venv/acestep-constraints.txt -r /tmp/web-requirements.txt
 
 # The source last (.dockerignore lets in only what the service runs), installed without
-# dependencies so `python -m runner` works from any working directory.
+# dependencies so `python -m runner` works from any working directory. Then import every module
+# the runner imports for this image's engine (runner/imports.py, the same check `make
+# official-check` runs): a package missing from image/requirements.txt fails the build, not the
+# first job. Importing touches no GPU, so none is needed to build.
 COPY . .
 RUN pip install --no-cache-dir --no-deps . \
-    && rm -rf build ./*.egg-info
+    && rm -rf build ./*.egg-info \
+    && python -m runner.imports acestep
 
 # Settings (the README's configuration table has them all). The recommended T4 settings, from
 # the measurements in docs/PERFORMANCE.md: dtype auto, which on a T4 (sm_75, no native bfloat16)

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # the Docker image installs the official repository.
 ACESTEP_FORK := ace-step15-fork==20260212 nano-vllm-fork==20260210
 
-.PHONY: serve test bench install system-deps
+.PHONY: serve test bench install system-deps image-env official-check
 
 install: $(STAMP)
 
@@ -34,3 +34,16 @@ bench: install system-deps
 	$(PY) benchmarks/service_overhead.py
 	$(PY) benchmarks/gpu_bench.py --work $${TMPDIR:-/tmp}/acestep-bench-cpu --size tiny --device cpu \
 	    --durations 1,2 --steps 2 --groups float32:off:1 --parts memory,coldstart --cold-seconds 2 --short-seconds 1
+
+# The Docker image's Python environment (image/requirements.txt) in a venv, for a machine without
+# Docker; IMAGE_ENV chooses where (default .image-env, ignored by git).
+IMAGE_ENV ?= .image-env
+image-env:
+	IMAGE_ENV=$(IMAGE_ENV) scripts/image-env.sh
+
+# The image's engine on an official ACE-Step 1.5 checkout (never copied here): imports, two jobs
+# through `python -m runner serve` on a tiny ACE-Step-layout checkpoint built from the checkout's
+# own classes, SIGTERM during load and diffusion. Run it before moving the Dockerfile's ACESTEP_COMMIT.
+official-check: image-env
+	@test -n "$(ACESTEP_SRC)" || { echo "usage: make official-check ACESTEP_SRC=/path/to/ACE-Step-1.5 [IMAGE_ENV=/path]"; exit 2; }
+	PYTHONPATH=$(abspath $(ACESTEP_SRC)):$(CURDIR) $(IMAGE_ENV)/bin/python -m checks.official --acestep-src $(abspath $(ACESTEP_SRC))

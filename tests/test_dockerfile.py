@@ -204,8 +204,8 @@ def test_base_image_is_cuda_12_8_matching_the_torch_build(parsed):
     # torch 2.10.0's Linux x86_64 build is CUDA 12.8 and carries sm_75 (the T4); see the Dockerfile.
     assert re.fullmatch(r"nvidia/cuda:12\.8\.\d+-(base|runtime|cudnn-runtime)-ubuntu\d+\.\d+", image), image
     assert all(substitute(s.base, global_args) in (image, *(t.name for t in stages if t.name)) for s in stages)
-    builder_args = stage_args(stages[0], global_args)
-    assert builder_args.get("TORCH_VERSION") == "2.10.0"
+    requirements = (ROOT / "image" / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    assert "torch==2.10.0" in requirements
 
 
 def test_runs_as_a_non_root_user(final):
@@ -265,6 +265,37 @@ def test_ace_step_is_pinned_to_a_full_commit(parsed):
         assert HEX40.match(ref), f"pin the ACE-Step install to a 40-hex commit, not {ref!r}"
 
 
+# The commit `make official-check` was run on (docs/DEPLOY.md): official main of 2026-06-26.
+CHECKED_COMMIT = "6d467e4b5081ccb0abf1ec1bf4fdf9051a2d34b0"
+
+
+def test_the_pin_is_the_commit_the_official_check_ran_on_and_says_so(parsed):
+    global_args, stages = parsed
+    pins = {stage_args(stage, global_args).get("ACESTEP_COMMIT") for stage in stages}
+    assert pins == {CHECKED_COMMIT}, pins
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert "2026-06-26" in text and "make official-check" in text  # its date, and how it was checked
+
+
+def test_the_image_installs_the_one_package_list(parsed):
+    _, stages = parsed
+    builder = stages[0]
+    copies = [i for i in builder.all("COPY") if "image/requirements.txt" in i.args]
+    assert copies, "the builder copies image/requirements.txt"
+    target = shlex.split(copies[0].args)[-1]
+    installs = [i for i in builder.all("RUN") if f"-r {target}" in i.args]
+    assert installs and installs[0].line > copies[0].line
+    torch_pins = [i for s in stages for i in s.all("RUN") if re.search(r"\btorch==", i.args)]
+    assert not torch_pins, "package pins live in image/requirements.txt, not in the Dockerfile"
+
+
+def test_the_build_imports_every_module_the_runner_imports_for_its_engine(final):
+    source_copy = next(i for i in final.all("COPY") if shlex.split(i.args)[:1] == ["."])
+    checks = [i for i in final.all("RUN") if "python -m runner.imports acestep" in i.args]
+    assert checks and checks[0].line > source_copy.line, "import check after the source is in place"
+    assert env_of(final).get("ACESTEP_ENGINE") == "acestep"
+
+
 def test_ace_step_is_installed_without_its_dependency_tree(parsed):
     _, stages = parsed
     runs = [i.args for s in stages for i in s.all("RUN") if "git+" in i.args]
@@ -283,7 +314,7 @@ def test_dependencies_are_installed_before_the_source(parsed):
     source_copy = next(i for i in copies if "--from" not in i.args and set(shlex.split(i.args)[:-1]) & SOURCE_PATHS)
     deps_copy = next(i for i in copies if "setup.cfg" in i.args.split())
     assert deps_copy.line < source_copy.line
-    deps_install = [i for i in final_stage.all("RUN") if "install_requires" in i.args]
+    deps_install = [i for i in final_stage.all("RUN") if "web_requirements.py" in i.args]
     assert deps_install and deps_copy.line < deps_install[0].line < source_copy.line
     project_install = [i for i in final_stage.all("RUN") if "--no-deps ." in i.args]
     assert project_install and project_install[0].line > source_copy.line
@@ -314,7 +345,7 @@ def test_dockerignore_keeps_the_context_small():
     patterns = [line for line in lines if line and not line.startswith("#")]
     assert patterns[0] == "*", "the context should be an allow-list"
     allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
-    assert {"setup.cfg", "pyproject.toml", "wsgi.py", "gunicorn.conf.py", "webapp", "runner", "patches"} <= allowed
+    assert {"setup.cfg", "pyproject.toml", "wsgi.py", "gunicorn.conf.py", "webapp", "runner", "patches", "image"} <= allowed
     assert not allowed & {".venv", "checkpoints", "data", ".git", "tests"}
 
 
@@ -385,3 +416,16 @@ def test_compose_mounts_the_checkpoints_and_reserves_the_gpu(compose):
     env = environment(app)
     assert env.get("ACESTEP_INIT_LLM") == "false"
     assert default_of(app["ports"][0]).endswith(":8002")
+
+
+def test_make_image_env_installs_the_same_lists_as_the_image():
+    """`make image-env` (scripts/image-env.sh) and the Dockerfile read one package list and one
+    reader of the web layer's requirements; the check runs on what the image would hold."""
+    script = (ROOT / "scripts" / "image-env.sh").read_text(encoding="utf-8")
+    assert "-r image/requirements.txt" in script and "image/web_requirements.py" in script
+    assert "acestep-constraints.txt" in script  # the web layer held to the image's versions, as in the Dockerfile
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert re.search(r"^image-env:", makefile, re.M) and re.search(r"^official-check: image-env", makefile, re.M)
+    web = subprocess.run([sys.executable, str(ROOT / "image" / "web_requirements.py"), str(ROOT / "setup.cfg")],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert "soundfile>=0.13" in web and not any(r.startswith("torch") for r in web)
