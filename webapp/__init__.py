@@ -20,7 +20,7 @@ log = logging.getLogger("acestep.webapp")
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    from webapp import routes_health, routes_lego
+    from webapp import routes_analyze, routes_health, routes_lego
     from webapp.auth import install_api_key_check
     from webapp.checkpoints import inspect_checkpoints
     from webapp.errors import register_error_handlers
@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     install_api_key_check(app, settings.api_key)
     app.register_blueprint(routes_lego.bp)
     app.register_blueprint(routes_health.bp)
+    app.register_blueprint(routes_analyze.bp)
 
     @app.before_request
     def _start_timer():

@@ -1,7 +1,8 @@
 """Optional API key: `Authorization: Bearer KEY` or `X-API-Key: KEY`, compared in constant time.
 
 The check runs before a view reads the body, so an unauthenticated upload is refused without
-being parsed. `/health` and `/` stay open so load balancers and people can see the service.
+being parsed. `/health`, `/` and the page's files under `/static/` stay open so load balancers and
+people can see the service; the page asks for the key when an endpoint answers 401.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from flask import Flask, request
 from webapp.errors import ApiError
 
 OPEN_PATHS = frozenset({"/health", "/"})
+OPEN_PREFIXES = ("/static/",)
 
 
 def presented_key() -> str:
@@ -29,7 +31,7 @@ def install_api_key_check(app: Flask, api_key: str) -> None:
 
     @app.before_request
     def _require_api_key():
-        if request.path in OPEN_PATHS:
+        if request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIXES):
             return None
         given = presented_key().encode()
         if not given or not hmac.compare_digest(given, expected):

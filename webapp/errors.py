@@ -44,6 +44,7 @@ CATALOGUE: dict[str, tuple[int, bool, str]] = {
     "task_not_found": (404, False, "No such task: it never existed or its result expired and was deleted."),
     "task_not_completed": (409, True, "The task has no result yet (or it failed: then `retryable` is false); poll `GET /lego/status/<task_id>`."),
     "job_cancelled": (409, False, "The job was cancelled before it finished."),
+    "analysis_busy": (429, True, "Another tempo and key analysis is running; retry after the number of seconds in `Retry-After`."),
     # capacity and the GPU
     "queue_full": (429, True, "Too many jobs are waiting; retry after the number of seconds in `Retry-After`."),
     "gpu_queue_unreachable": (503, True, "The GPU token service cannot be reached; retry in a minute (operators: check QUEUE_URL)."),

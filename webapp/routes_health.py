@@ -1,4 +1,8 @@
-"""`GET /health` and `GET /`: what the service is and whether it can work, cheaply (no model, no torch)."""
+"""`GET /health` and `GET /`: what the service is and whether it can work, cheaply (no model, no torch).
+
+`GET /` is the page for a browser (webapp/routes_page.py) and this JSON for everyone else; the
+JSON also carries what the page needs: track captions, limits, the auth mode and the model.
+"""
 from __future__ import annotations
 
 import os
@@ -8,7 +12,9 @@ from flask import Blueprint, jsonify
 
 from webapp import __version__
 from webapp.audio_probe import tools_available
-from webapp.lego_params import TRACKS
+from webapp.captions import DEFAULT_CAPTIONS
+from webapp.lego_params import BPM_RANGE, OUTPUT_FORMATS, TRACKS
+from webapp.routes_page import page_response, wants_html
 from webapp.service import current_service, runner_command
 
 bp = Blueprint("health", __name__)
@@ -47,8 +53,11 @@ def health():
 
 @bp.get("/")
 def index():
+    if wants_html():
+        return page_response()
     service = current_service()
-    return jsonify({
+    settings = service.settings
+    resp = jsonify({
         "success": True,
         "service": "acestep-stem-service",
         "version": __version__,
@@ -60,9 +69,18 @@ def index():
             "GET /lego/status/<task_id>": "job status; the result as base64 audio_data when completed",
             "GET /lego/<task_id>/audio?index=0": "the result as a file (index 1 for the second of batch_size 2)",
             "DELETE /lego/<task_id>": "cancel a job (stops the runner, frees the GPU) or delete its result",
+            "POST /analyze": "multipart (audio_file): the source's tempo and key, found on the CPU "
+                             "({bpm, bpm_confidence, key_scale, key_confidence, duration, ...})",
             "GET /health": "service, checkpoints, GPU tokens, jobs",
             "POST /unload": "end a keep-warm runner now and free the GPU (KEEP_WARM_S)",
             "GET /metrics": "Prometheus metrics",
         },
         "track_types": list(TRACKS),
+        "track_captions": {track: DEFAULT_CAPTIONS[track] for track in TRACKS},
+        "output_formats": list(OUTPUT_FORMATS),
+        "limits": {"max_upload_mb": settings.max_upload_mb, "min_duration_s": settings.min_duration_s,
+                   "max_duration_s": settings.max_duration_s, "bpm": list(BPM_RANGE), "batch_size": [1, 2],
+                   "steps": {"default": settings.lego_steps, "min": settings.lego_min_steps, "max": settings.lego_max_steps}},
     })
+    resp.headers["Vary"] = "Accept"
+    return resp
