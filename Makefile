@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # the Docker image installs the official repository.
 ACESTEP_FORK := ace-step15-fork==20260212 nano-vllm-fork==20260210
 
-.PHONY: serve test bench install system-deps image-env official-check
+.PHONY: serve test bench install system-deps test-deps image-env official-check
 
 install: $(STAMP)
 
@@ -22,10 +22,14 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 system-deps:
 	scripts/system-deps.sh
 
+# The tests also need Debian's chromium (the page's browser test).
+test-deps:
+	scripts/system-deps.sh --browser
+
 serve: install system-deps
 	scripts/serve.sh
 
-test: install system-deps
+test: install test-deps
 	$(PY) -m pytest
 
 # The CPU part: the service's overhead around a stub runner, and the GPU benchmark's code path on

@@ -20,6 +20,7 @@ docs/ANALYZE.md has the accuracy on synthesized material (benchmarks/analyze_acc
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import librosa  # lazy: its submodules (numba included) load at first use, not with the web app
@@ -122,9 +123,11 @@ def analyze(samples: np.ndarray, rate: int, duration: float | None = None) -> An
     seconds = len(mono) / rate
     if len(mono) == 0 or float(np.sqrt(np.mean(mono.astype(np.float64) ** 2))) < SILENCE_RMS:
         return Analysis(None, 0.0, None, 0.0, round(duration, 6), analysed_seconds=round(seconds, 3))
-    y = resample_for_analysis(mono, rate)
-    tempo = estimate_tempo(y)
-    key = estimate_key(y)
+    with warnings.catch_warnings():  # a clip of a few seconds is short for the CQT's lowest octave; it still works
+        warnings.filterwarnings("ignore", message=r"n_fft=\d+ is too large", category=UserWarning)
+        y = resample_for_analysis(mono, rate)
+        tempo = estimate_tempo(y)
+        key = estimate_key(y)
     return Analysis(
         bpm=int(round(tempo.bpm)) if tempo else None,
         bpm_confidence=round(tempo.confidence, 3) if tempo else 0.0,
