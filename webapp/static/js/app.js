@@ -11,7 +11,7 @@ const TRACK_LABELS = { vocals: "Vocals", backing_vocals: "Backing vocals", drums
 
 const state = {
   service: null, file: null, duration: 0, captions: {}, track: "vocals",
-  edited: { bpm: false, key: false, caption: false }, analysis: null, generation: 0,
+  edited: { bpm: false, key: false, caption: false }, analysis: null, generation: 0, busy: false,
 };
 const player = new SyncPlayer();
 const views = {
@@ -37,6 +37,7 @@ onKeyNeeded((reason) => new Promise((resolve) => {
   const dialog = $("key-dialog");
   $("key-reason").textContent = reason;
   $("key-input").value = "";
+  dialog.returnValue = "";
   dialog.onclose = () => {
     const key = dialog.returnValue === "ok" ? $("key-input").value.trim() : "";
     $("forget-key").hidden = !key;
@@ -91,6 +92,10 @@ async function describeService() {
 // ---- the source: waveform at once (decoded here), tempo and key from POST /analyze --------------
 async function takeFile(file) {
   if (!file) return;
+  if (state.busy) {
+    setMessage("A generation is running: wait for it or cancel it before taking another source.", "error");
+    return;
+  }
   const limits = state.service ? state.service.limits : null;
   if (limits && file.size > limits.max_upload_mb * 1048576) {
     setMessage(`${file.name} is ${(file.size / 1048576).toFixed(1)} MB; the service takes at most ${limits.max_upload_mb} MB.`, "error");
@@ -107,9 +112,10 @@ async function takeFile(file) {
   $("lanes").hidden = false;
   $("drop").classList.add("loaded");
   $("drop").querySelector(".drop-title").textContent = file.name;
+  $("drop-limits").textContent = "drop or click to take another file";
   $("source-info").textContent = `${(file.size / 1048576).toFixed(2)} MB · decoding…`;
   $("stem-name").textContent = "Stem";
-  views.source.setSelection(null);
+  showWindow(null);
   $("repaint-start").value = $("repaint-end").value = "";
   setMessage("");
   const bytes = await file.arrayBuffer();
@@ -200,9 +206,14 @@ $("play").addEventListener("click", async () => {
 });
 $("rewind").addEventListener("click", async () => { await player.seek(0); tick(); });
 for (const view of Object.values(views)) view.onSeek = async (t) => { await player.seek(t); tick(); };
+function showWindow(range) {
+  views.source.setSelection(range);
+  views.stem.setSelection(range); // the stem's lane shows the same window, aligned
+}
 views.source.onSelect = ([a, b]) => {
   $("repaint-start").value = a.toFixed(2);
   $("repaint-end").value = b.toFixed(2);
+  views.stem.setSelection([a, b]);
 };
 for (const el of document.querySelectorAll(".mute")) {
   el.addEventListener("click", () => {
@@ -248,12 +259,12 @@ $("caption-reset").addEventListener("click", () => {
 for (const id of ["repaint-start", "repaint-end"]) {
   $(id).addEventListener("input", () => {
     const a = parseFloat($("repaint-start").value), b = parseFloat($("repaint-end").value);
-    views.source.setSelection(Number.isFinite(a) && Number.isFinite(b) && b > a ? [a, b] : null);
+    showWindow(Number.isFinite(a) && Number.isFinite(b) && b > a ? [a, b] : null);
   });
 }
 $("repaint-clear").addEventListener("click", () => {
   $("repaint-start").value = $("repaint-end").value = "";
-  views.source.setSelection(null);
+  showWindow(null);
 });
 
 const drop = $("drop");

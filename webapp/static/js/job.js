@@ -4,6 +4,7 @@ import { call, callJson, fileName } from "./api.js";
 import { decodeAudio } from "./player.js";
 
 const POLL_MS = 1000;
+const POLL_FAILURES_TOLERATED = 5; // a restart or a network blip is not the end of the job
 let current = null; // {id, cancelled, urls: []}
 
 function formData(page) {
@@ -60,6 +61,7 @@ export async function startJob(page, tick) {
   setMessage("");
   const job = { id: accepted.task_id, cancelled: false, finished: false, track: state.track };
   current = job;
+  state.busy = true;
   player.removeTrack("stem");
   $("lane-stem").hidden = true;
   $("downloads").hidden = true;
@@ -76,13 +78,21 @@ export async function startJob(page, tick) {
 }
 
 async function poll(page, job, tick) {
-  const { $, setMessage } = page;
+  const { $, setMessage, state } = page;
+  let failures = 0;
   for (;;) {
     let status;
     try {
       status = await callJson(`/lego/status/${job.id}`);
+      failures = 0;
     } catch (err) {
       if (job.cancelled) return;
+      const transient = !(err.status >= 400 && err.status < 500) || err.retryable;
+      if (transient && ++failures <= POLL_FAILURES_TOLERATED) {
+        $("job-stage").textContent = `Status unavailable (${err.message}); trying again…`;
+        await new Promise((r) => setTimeout(r, POLL_MS * failures));
+        continue;
+      }
       showProgress(page, 0, `Status unavailable: ${err.message}`, "failed");
       break;
     }
@@ -104,13 +114,14 @@ async function poll(page, job, tick) {
     await new Promise((r) => setTimeout(r, POLL_MS));
   }
   job.finished = true;
+  state.busy = false;
   $("cancel").disabled = true;
   $("generate").disabled = false;
   setMessage($("form-message").textContent);
 }
 
 async function cancel(page, job) {
-  const { $ } = page;
+  const { $, state } = page;
   job.cancelled = true;
   $("cancel").disabled = true;
   $("job-stage").textContent = "Cancelling: stopping the generator and freeing the GPU…";
@@ -123,6 +134,7 @@ async function cancel(page, job) {
     $("job-stage").textContent = `Cancel failed: ${err.message}`;
   }
   job.finished = true;
+  state.busy = false;
   $("generate").disabled = false;
 }
 
