@@ -5,14 +5,14 @@ One walk through the whole job (upload a synthesized source, tempo and key prefi
 progress to 100, play source and stem together, download, the stem's frame count equal to the
 source's, a second job cancelled mid-generation) and one for the API key dialog. The browser's
 console must stay free of errors. The finished page's screenshot is kept in the test's tmp folder
-(its path is printed; `pytest -s` shows it).
+(pytest keeps the last three runs' under /tmp/pytest-of-$USER/; its path is printed, `pytest -s`
+shows it), and copied to $PAGE_SCREENSHOT when that is set.
 """
 from __future__ import annotations
 
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,7 @@ def browser():
 class Page:
     """A browser tab on the service that records every console error and page error."""
 
-    def __init__(self, browser, url: str, downloads: Path):
+    def __init__(self, browser, url: str):
         self.context = browser.new_context(accept_downloads=True, viewport={"width": 1180, "height": 900})
         self.page = self.context.new_page()
         self.errors: list[str] = []
@@ -74,7 +74,7 @@ def test_the_whole_job_in_a_browser(browser, start_gunicorn, fake_queue, tiny_ch
     server, data_dir = start_gunicorn(ACESTEP_CHECKPOINTS=str(tiny_checkpoint), LEGO_STEPS="3", LEGO_MAX_STEPS="200")
     source = synthesized_source(tmp_path / "source.wav")
     frames = sf.info(str(source)).frames
-    tab = Page(browser, server.url + "/", tmp_path)
+    tab = Page(browser, server.url + "/")
     page = tab.page
     try:
         assert "Demo model" in tab.tid("model-badge").inner_text()  # the demo says so plainly
@@ -157,7 +157,7 @@ def test_the_whole_job_in_a_browser(browser, start_gunicorn, fake_queue, tiny_ch
 def test_the_api_key_is_asked_once(browser, start_gunicorn, fake_checkpoints, tmp_path):
     server, _ = start_gunicorn(ACESTEP_CHECKPOINTS=str(fake_checkpoints), API_KEY="s3cret-key")
     source = synthesized_source(tmp_path / "source.wav")
-    tab = Page(browser, server.url + "/", tmp_path)
+    tab = Page(browser, server.url + "/")
     page = tab.page
     try:
         assert "Model:" in tab.tid("model-badge").inner_text()  # a real-looking folder: no demo label
