@@ -87,13 +87,15 @@ def test_every_module_the_runner_imports_for_acestep_comes_from_the_image_list()
     assert not missing, f"modules the runner imports that image/requirements.txt does not bring: {missing}"
 
 
-def test_a_list_without_soxr_is_caught(monkeypatch, tmp_path):
-    """The check above is not vacuous: drop soxr from the list and it fails."""
+def test_a_list_without_a_runner_package_is_caught(monkeypatch, tmp_path):
+    """The check above is not vacuous: drop loguru (the acestep handler imports it; only the image's
+    list brings it) and it fails. soxr, the package this was found with, now also comes with the web
+    layer's librosa (POST /analyze), in the same environment, so dropping it alone proves nothing."""
     stripped = tmp_path / "requirements.txt"
-    stripped.write_text("\n".join(l for l in REQUIREMENTS.read_text().splitlines() if not l.startswith("soxr")))
+    stripped.write_text("\n".join(l for l in REQUIREMENTS.read_text().splitlines() if not l.startswith("loguru")))
     monkeypatch.setattr(sys.modules[__name__], "REQUIREMENTS", stripped)
     provided = with_dependencies(image_packages())
-    assert "soxr" not in provided and "torch" in provided
+    assert "loguru" not in provided and "torch" in provided
 
 
 def run_without_diffusers_ace_step(*args, **env):
