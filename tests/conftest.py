@@ -216,7 +216,7 @@ def make_app(web_env):
 
     yield _make
     for app in apps:
-        app.extensions["acestep"].jobs.shutdown(10)
+        app.extensions["acestep"].close(10)
 
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02, what: str = "condition"):
@@ -235,7 +235,7 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02, what: str
 def fake_queue():
     from tests.fakes.gpu_queue import FakeGpuQueue
 
-    fake = FakeGpuQueue(pool=13000, lane="acestep").start()
+    fake = FakeGpuQueue(pool=13000).start()
     yield fake
     fake.stop()
 

@@ -173,7 +173,7 @@ def test_delete_cancels_the_running_job_kills_the_runner_and_frees_the_lock(make
     health = client.get("/health").get_json()
     assert health["gpu_tokens"]["gpu_held"] is False and health["runner"]["holding_gpu"] is False
     job_dir = app.extensions["acestep"].settings.data_dir / "jobs" / task
-    assert files_under(job_dir) == ["runner.stderr.log"]  # the log stays for debugging, nothing else
+    assert files_under(job_dir) == ["job.json", "runner.stderr.log"]  # the record and the log stay, nothing else
     assert client.delete(f"/lego/{task}").get_json()["status"] == "deleted"
     assert not job_dir.exists()
 
@@ -225,7 +225,7 @@ def test_runner_failures_map_to_truthful_errors(make_app, mode, status, code, re
     assert resp.status_code == status and body["error_code"] == code and body["retryable"] is retryable, body
     task = resp.headers["X-Task-Id"]
     job_dir = app.extensions["acestep"].settings.data_dir / "jobs" / task
-    assert files_under(job_dir) == ["runner.stderr.log"]  # source and partial output gone, log kept
+    assert files_under(job_dir) == ["job.json", "runner.stderr.log"]  # source and partial output gone, log kept
     assert f"[fake-runner] {mode}" in (job_dir / "runner.stderr.log").read_text()
     err = capfd.readouterr().err
     assert "runner_failed" in err and f"[fake-runner] {mode}" in err  # the stderr tail is in the log
@@ -270,7 +270,7 @@ def test_results_expire_with_their_files(make_app):
     data_dir = app.extensions["acestep"].settings.data_dir
     assert (data_dir / "jobs" / task / "out").is_dir()
     wait_for(lambda: client.get(f"/lego/status/{task}").status_code == 404, timeout=5, what="expiry")
-    assert files_under(data_dir) == []
+    assert files_under(data_dir / "jobs") == []
 
 
 def test_leftovers_of_a_previous_process_are_removed_at_start(make_app, web_env):
@@ -347,8 +347,10 @@ def test_runner_gets_flags_not_the_service_environment(make_app, tmp_path, monke
 
 
 def test_webapp_never_imports_torch():
+    """Of the runner, the web service imports only its standard-library-only contract modules."""
     code = ("import sys, wsgi\n"
-            "bad = [m for m in ('torch', 'diffusers', 'transformers', 'acestep', 'runner') if m in sys.modules]\n"
+            "bad = [m for m in ('torch', 'diffusers', 'transformers', 'acestep', 'numpy.testing', 'soxr') if m in sys.modules]\n"
+            "bad += [m for m in sys.modules if m.startswith('runner') and m not in ('runner', 'runner.contract', 'runner.riff')]\n"
             "assert not bad, bad\n")
     env = {**os.environ}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,

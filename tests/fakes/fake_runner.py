@@ -7,10 +7,13 @@ that the real runner cannot be made to hit on demand. Its own options come befor
 
 Like the real runner it says `{"event": "ready"}` at start and after each job, reads jobs as JSON
 lines on stdin, exits after one job when the idle timeout is 0, and at end of input.
+Like the real runner (runner/serve.py) it watches for the service's end with runner/lifeline.py:
+the parent-death signal and stdin closing during a job both become SIGTERM.
 Modes: ok, fail (a generation error, status 4), badinput (2), nockpt (3), crash (SIGKILL itself
-mid-job), hang (runs until SIGTERM, then exits 5), stubborn (ignores SIGTERM; needs SIGKILL),
-noresult (the process exits 0 without answering), junk (a non-JSON line on stdout, then a
-normal result). `--record FILE` appends {"pid","spawn"} at start, {"pid","start","argv"} when a
+mid-job), hang (runs until SIGTERM, then exits 5), stubborn (ignores SIGTERM, so also the
+service's end: needs SIGKILL), noresult (the process exits 0 without answering), junk (a non-JSON
+line on stdout, then a normal result), chatty (writes --chatty-kb of stderr per step, for a
+disk that fills up). `--record FILE` appends {"pid","spawn"} at start, {"pid","start","argv"} when a
 job arrives (with its `args`) and {"pid","exit","code"} when the process ends normally.
 The "ok" output is the source itself, in the requested format, same rate and frame count.
 """
@@ -23,6 +26,9 @@ import sys
 import time
 
 import soundfile as sf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from runner import lifeline  # noqa: E402 - the real runner's watches, not a copy
 
 FORMATS = {"wav": ("WAV", "FLOAT"), "flac": ("FLAC", "PCM_24"), "mp3": ("MP3", "MPEG_LAYER_III")}
 STATUS = {"badinput": (2, "bad_arguments", "The runner refused the arguments.", False),
@@ -63,6 +69,9 @@ def run_job(opts, args, cancelled):
         if cancelled["flag"]:
             raise Cancelled()
         time.sleep(opts.step_s)
+        if opts.mode == "chatty":
+            sys.stderr.write(("x" * 1023 + "\n") * opts.chatty_kb)
+            sys.stderr.flush()
         emit(event="progress", step=round(i * total / shown), total=total)
         if opts.mode == "crash" and i == 2:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -97,6 +106,7 @@ def main(argv):
     own.add_argument("--step-s", type=float, default=0.01)
     own.add_argument("--steps-shown", type=int, default=5)
     own.add_argument("--record")
+    own.add_argument("--chatty-kb", type=int, default=256)
     split = argv.index("serve")
     opts = own.parse_args(argv[:split])
     serve = argparse.ArgumentParser()
@@ -110,6 +120,7 @@ def main(argv):
         cancelled["flag"] = True
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN if opts.mode == "stubborn" else on_term)
+    watch = lifeline.install()
     emit(event="ready", loaded=False)
     jobs = 0
     while not (jobs and idle == 0):
@@ -125,12 +136,14 @@ def main(argv):
         jobs += 1
         record(opts.record, start=time.time(), args=args, argv=[f"{k}={v}" for k, v in args.items()])
         print(f"[fake-runner] {opts.mode} {args['track']} {args['source']}", file=sys.stderr, flush=True)
+        watch.job_started()
         try:
             run_job(opts, args, cancelled)
         except Cancelled:
             error(5, "cancelled", "The job was cancelled; nothing was written.", True)
-            record(opts.record, exit=time.time(), code=5)
+            record(opts.record, exit=time.time(), code=5, why=watch.fired)
             return 5
+        watch.job_ended()
         emit(event="ready", loaded=True)
     record(opts.record, exit=time.time(), code=0)
     return 0
