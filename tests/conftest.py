@@ -167,10 +167,15 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 # ---- web apps on the fake runner -------------------------------------------------------------------
 
-def fake_runner_command(mode: str = "ok", step_s: float = 0.01, record: Path | None = None, steps_shown: int = 5) -> str:
+def fake_runner_command(mode: str = "ok", step_s: float = 0.01, record: Path | None = None, steps_shown: int = 5,
+                        once: Path | None = None, chatty_kb: int | None = None) -> str:
     parts = [sys.executable, str(FAKE_RUNNER), "--mode", mode, "--step-s", str(step_s), "--steps-shown", str(steps_shown)]
     if record is not None:
         parts += ["--record", str(record)]
+    if once is not None:
+        parts += ["--once", str(once)]
+    if chatty_kb is not None:
+        parts += ["--chatty-kb", str(chatty_kb)]
     return shlex.join(parts)
 
 

@@ -186,8 +186,12 @@ def test_delete_of_a_queued_job_never_starts_it(make_app, tmp_path):
     second = post_json(client).get_json()["task_id"]
     wait_for(lambda: read_records(record), what="first runner")
     assert client.delete(f"/lego/{second}").get_json()["status"] == "cancelled"
+    jobs = app.extensions["acestep"].jobs
     client.delete(f"/lego/{first}")
-    time.sleep(0.3)
+    assert job_of(app, first).finished
+    rounds = jobs.idle_rounds
+    # The worker has looked at its queue again since the first job ended: the second would have started.
+    wait_for(lambda: jobs.idle_rounds > rounds, what="the worker to find its queue empty")
     assert len([r for r in read_records(record) if "start" in r]) == 1
 
 

@@ -13,7 +13,8 @@ Modes: ok, fail (a generation error, status 4), badinput (2), nockpt (3), crash 
 mid-job), hang (runs until SIGTERM, then exits 5), stubborn (ignores SIGTERM, so also the
 service's end: needs SIGKILL), noresult (the process exits 0 without answering), junk (a non-JSON
 line on stdout, then a normal result), chatty (writes --chatty-kb of stderr per step, for a
-disk that fills up). `--record FILE` appends {"pid","spawn"} at start, {"pid","start","argv"} when a
+disk that fills up). `--once FILE`: MODE applies only to the first job (across processes; FILE marks it), later jobs run
+ok, as a fault that does not repeat after a restart. `--record FILE` appends {"pid","spawn"} at start, {"pid","start","argv"} when a
 job arrives (with its `args`) and {"pid","exit","code"} when the process ends normally.
 The "ok" output is the source itself, in the requested format, same rate and frame count.
 """
@@ -107,6 +108,7 @@ def main(argv):
     own.add_argument("--steps-shown", type=int, default=5)
     own.add_argument("--record")
     own.add_argument("--chatty-kb", type=int, default=256)
+    own.add_argument("--once", help="a marker file: MODE applies to the first job that finds it absent, later jobs run ok")
     split = argv.index("serve")
     opts = own.parse_args(argv[:split])
     serve = argparse.ArgumentParser()
@@ -134,6 +136,12 @@ def main(argv):
             break
         args = message["args"]
         jobs += 1
+        if opts.once:
+            try:
+                os.close(os.open(opts.once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # the first job: MODE
+            except FileExistsError:
+                opts.mode = "ok"
+                signal.signal(signal.SIGTERM, on_term)
         record(opts.record, start=time.time(), args=args, argv=[f"{k}={v}" for k, v in args.items()])
         print(f"[fake-runner] {opts.mode} {args['track']} {args['source']}", file=sys.stderr, flush=True)
         watch.job_started()

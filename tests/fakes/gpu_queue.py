@@ -149,8 +149,10 @@ class FakeGpuQueue:
                     out.append(f"{sid}: released {s['effective_releases']} times")
                 if sid in self.holders or any(w == sid for w, _ in self.waiting):
                     out.append(f"{sid}: still held or queued")
-                if s["at_release"]:
-                    out.append(f"{sid}: at its release these were alive: {s['at_release']}")
+                seen = s["at_release"]
+                alive = seen.get("alive") if isinstance(seen, dict) else seen
+                if alive:
+                    out.append(f"{sid}: at its release these were alive: {alive}")
         return out
 
     # ---- the contract --------------------------------------------------------------------------
