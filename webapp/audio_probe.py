@@ -39,7 +39,7 @@ TRUNCATION_TOLERANCE_RATIO = 0.05
 # Channels beyond stereo are folded down; the model is stereo.
 MAX_CHANNELS = 2
 BYTES_PER_SAMPLE = 4  # the decoded WAV is 32-bit float
-DISK_MARGIN_BYTES = 16 * 1024 * 1024
+DISK_MARGIN_BYTES = 4 * 1024 * 1024  # room kept for records, logs and the stem
 
 
 @dataclass

@@ -42,8 +42,11 @@ class Cancelled(Exception):
 
 
 def emit(**event):
-    sys.stdout.write(json.dumps(event) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        pass  # the service is gone: nobody reads the events any more
 
 
 def record(path, **fields):
@@ -148,9 +151,9 @@ def main(argv):
         try:
             run_job(opts, args, cancelled)
         except Cancelled:
-            error(5, "cancelled", "The job was cancelled; nothing was written.", True)
             record(opts.record, exit=time.time(), code=5, why=watch.fired)
-            return 5
+            error(5, "cancelled", "The job was cancelled; nothing was written.", True)
+            os._exit(5)  # as the real runner leaves: stdout may be a broken pipe by now
         watch.job_ended()
         emit(event="ready", loaded=True)
     record(opts.record, exit=time.time(), code=0)

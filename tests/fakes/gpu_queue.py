@@ -18,6 +18,7 @@ Faults, as an operator's bad day brings them, armed per kind of call ("acquire",
 "release") with `inject(kind, behaviour, times)`:
 - "garbage": 200 with an HTML page (a proxy's), nothing changes;
 - "error:<status>": that status with a JSON error, nothing changes;
+- "json:<body>": 200 with that JSON body (e.g. an unknown status), nothing changes;
 - "slow:<seconds>": the call takes effect, but only after that delay (the client may give up);
 - "drop": the call takes effect, then the connection is closed without an answer.
 `stop()` then `start()` plays the service killed and started again: its state survives, as the
@@ -177,6 +178,8 @@ class FakeGpuQueue:
         if fault and fault.startswith("error:"):
             return self._answer(req, t, method, path, body, int(fault[6:]), json.dumps({"error": "injected"}).encode(),
                                 "application/json", fault)
+        if fault and fault.startswith("json:"):
+            return self._answer(req, t, method, path, body, 200, fault[5:].encode(), "application/json", fault)
         if fault and fault.startswith("slow:"):
             time.sleep(float(fault[5:]))
         status, answer = self._apply(method, path, body, t)
