@@ -33,7 +33,7 @@ def test_the_web_sides_job_line_is_what_the_runners_parser_reads(make_app, tiny_
     assert isinstance(parsed, LegoArgs)
     assert {f.name for f in dataclasses.fields(LegoArgs)} == set(contract.JOB_FIELDS)
     assert (parsed.track, parsed.bpm, parsed.key, parsed.caption, parsed.seed, parsed.guidance_scale) == \
-        ("backing_vocals", 97, "F# minor", "airy", 11, 6.5, )
+        ("backing_vocals", 97, "F# minor", "airy", 11, 6.5)
     assert (parsed.time_signature, parsed.repaint_start, parsed.repaint_end, parsed.batch_size, parsed.format,
             parsed.steps) == ("3", 0.5, 1.5, 2, "flac", 9)
     assert parsed.source == job.files.source and parsed.out == job.files.out_partial

@@ -303,4 +303,4 @@ class JobRunner:
             self._end_warm(warm, "shutdown")
         spare, self._spare = self._spare, None
         if spare is not None:
-            spare.stop(self.settings.runner_kill_grace_s)  # it holds nothing: no need to wait for it to exit by itself
+            spare.end(self.settings.runner_kill_grace_s)  # end of input: an idle runner exits at once

@@ -123,6 +123,9 @@ def main(argv):
 
     def on_term(_sig, _frame):
         cancelled["flag"] = True
+        if not cancelled.get("in_job"):  # like the real runner: SIGTERM between jobs ends it at once
+            record(opts.record, exit=time.time(), code=5)
+            os._exit(5)
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN if opts.mode == "stubborn" else on_term)
     watch = lifeline.install()
@@ -148,6 +151,7 @@ def main(argv):
         record(opts.record, start=time.time(), args=args, argv=[f"{k}={v}" for k, v in args.items()])
         print(f"[fake-runner] {opts.mode} {args['track']} {args['source']}", file=sys.stderr, flush=True)
         watch.job_started()
+        cancelled["in_job"] = True
         try:
             run_job(opts, args, cancelled)
         except Cancelled:
@@ -155,6 +159,7 @@ def main(argv):
             error(5, "cancelled", "The job was cancelled; nothing was written.", True)
             os._exit(5)  # as the real runner leaves: stdout may be a broken pipe by now
         watch.job_ended()
+        cancelled["in_job"] = False
         emit(event="ready", loaded=True)
     record(opts.record, exit=time.time(), code=0)
     return 0
