@@ -350,7 +350,7 @@ def test_runner_gets_flags_not_the_service_environment(make_app, tmp_path, monke
     assert probe.read_text() == "[]"
 
 
-def test_webapp_never_imports_torch():
+def test_webapp_never_imports_torch(tmp_path):
     """Of the runner, the web service imports only its standard-library-only contract modules."""
     code = ("import sys, wsgi\n"
             "bad = [m for m in ('torch', 'diffusers', 'transformers', 'acestep', 'numpy.testing', 'soxr') if m in sys.modules]\n"
@@ -358,5 +358,6 @@ def test_webapp_never_imports_torch():
             "assert not bad, bad\n")
     env = {**os.environ}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={**env, "ACESTEP_CHECKPOINTS": str(ROOT), "DATA_DIR": "/tmp/acestep-notorch-test"})
+                          env={**env, "ACESTEP_CHECKPOINTS": str(ROOT), "DATA_DIR": str(tmp_path / "data"),
+                               "GPU_LOCK_FILE": str(tmp_path / "gpu.lock")})
     assert proc.returncode == 0, proc.stderr[-2000:]
