@@ -60,9 +60,8 @@ class LeaseKeeper:
         """End orphaned runners, then release the leases their dead holders left."""
         me = self.runners.holder
         counts = {"runners_ended": 0, "leases_adopted": 0}
-        live = self.runners.live_ids()
         for runner, holder in self.journal.runners():
-            if holder == me and runner in live:
+            if holder == me and runner in self.runners.live_ids():  # asked now: a spare may have just started
                 continue
             if holder is not None and holder != me and alive(holder):
                 continue  # another live process's (the data lock makes this a short overlap at most)
@@ -82,7 +81,7 @@ class LeaseKeeper:
                 continue
             runner = ProcessId.from_dict(record.get("runner"))
             if runner is not None and alive(runner):
-                if runner in live or not end_group(runner, self.grace_s):
+                if runner in self.runners.live_ids() or not end_group(runner, self.grace_s):
                     continue  # the tokens stay held while their runner may still use the GPU
             self.leases.adopt(record)
             counts["leases_adopted"] += 1

@@ -143,13 +143,15 @@ class Leases:
     def acquire(self, session_id: str, job_id: str | None, cancel: threading.Event, on_wait) -> Lease:
         """A granted lease, or AcquireFailed (with the job's error) after settling what was asked."""
         lease = Lease(self, session_id, job_id)
+        with self._lock:
+            self._live[session_id] = lease  # known before its record exists: the keeper never adopts it
         try:
             self.journal.write_lease(lease.record())
         except OSError as exc:
+            with self._lock:
+                self._live.pop(session_id, None)
             raise AcquireFailed(ApiError("storage_full", f"The service cannot record the GPU lease ({exc.strerror}); "
                                                          "retry later."), SessionState.NONE) from None
-        with self._lock:
-            self._live[session_id] = lease
         try:
             grant = self.tokens.acquire(session_id, cancel, on_wait)
         except AcquireFailed as failed:
@@ -169,9 +171,9 @@ class Leases:
         with lease._close_lock:
             lease._closed = True
         if session is SessionState.NONE:
+            self.journal.remove_lease(lease.session_id)  # the record first, as everywhere: never adopted
             with self._lock:
                 self._live.pop(lease.session_id, None)
-            self.journal.remove_lease(lease.session_id)
             return
         self.release(lease, uncertain=session is SessionState.UNKNOWN)
 
@@ -264,9 +266,9 @@ class Leases:
         pending.attempts += 1
         now = time.monotonic()
         if answer.settled or (answer is ReleaseAnswer.NOT_YET and now >= pending.give_up_at):
+            self.journal.remove_lease(pending.session_id)  # the record first: the keeper never adopts it
             with self._lock:
                 self._pending.pop(pending.session_id, None)
-            self.journal.remove_lease(pending.session_id)
             if pending.lease is not None:
                 pending.lease.released_at = time.time()
             if answer.settled:
