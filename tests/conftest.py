@@ -185,7 +185,7 @@ def read_records(path: Path) -> list[dict]:
     if not path.exists():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if "spawn" not in r]
+    return [r for r in records if "spawn" not in r and "noticed" not in r]
 
 
 @pytest.fixture

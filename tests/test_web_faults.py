@@ -12,6 +12,7 @@ checked through the HTTP API, as the plugin polls it.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import subprocess
@@ -117,7 +118,9 @@ def test_killed_service_and_a_runner_that_ignores_its_end(service, fake_queue, t
     os.kill(worker, signal.SIGKILL)
     first_server.proc.wait(10)
     wait_for(lambda: not pid_alive(worker), what="the worker to die")
-    time.sleep(1.0)  # the parent-death signal has had its chance; the runner ignores it
+    noticed = wait_for(lambda: [json.loads(line) for line in record.read_text().splitlines() if "noticed" in line],
+                       what="the runner to notice its service is gone")
+    assert "the service" in noticed[0]["noticed"]  # its stdin hung up, or its parent changed
     assert pid_alive(first["pid"]), "the stubborn runner should have outlived its service"
     sid = fake_queue.sid_of(task)
     assert fake_queue.sessions[sid]["released"] is None  # its tokens are still held
@@ -264,7 +267,7 @@ def test_sigterm_with_a_runner_that_ignores_sigterm(service, fake_queue, tmp_pat
     assert [e["pid"] for e in server.events("runner_sigkill")].count(run["pid"]) == 1
     assert fake_queue.problems() == []
     assert_released_after_exit(fake_queue, [task], [server])
-    stored = __import__("json").loads((service.data / "jobs" / task / "job.json").read_text())
+    stored = json.loads((service.data / "jobs" / task / "job.json").read_text())
     assert stored["state"] == "queued" and stored["attempts"] == 1  # interrupted: it resumes at the next start
 
 

@@ -41,6 +41,9 @@ class Cancelled(Exception):
     pass
 
 
+WATCH = None  # runner/lifeline.py's watch, once installed
+
+
 def emit(**event):
     try:
         sys.stdout.write(json.dumps(event) + "\n")
@@ -81,9 +84,13 @@ def run_job(opts, args, cancelled):
             os.kill(os.getpid(), signal.SIGKILL)
         if opts.mode == "fail" and i == 2:
             return error(*STATUS["fail"])
+    noted = False
     while opts.mode in ("hang", "stubborn"):
         if cancelled["flag"]:
             raise Cancelled()
+        if WATCH is not None and WATCH.fired and not noted:  # a stubborn runner saw its service go, and stays
+            record(opts.record, noticed=WATCH.fired, at=time.time())
+            noted = True
         time.sleep(0.05)
     emit(event="stage", stage="decoding")
     if opts.mode == "noresult":
@@ -128,7 +135,8 @@ def main(argv):
             os._exit(5)
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN if opts.mode == "stubborn" else on_term)
-    watch = lifeline.install()
+    global WATCH
+    watch = WATCH = lifeline.install()
     emit(event="ready", loaded=False)
     jobs = 0
     while not (jobs and idle == 0):
