@@ -19,6 +19,7 @@ import soundfile as sf
 import soxr
 
 from runner.events import bad_input
+from runner.riff import wav_bytes_missing  # noqa: F401 - shared with the web service's upload check
 
 MODEL_RATE = 48000
 # 24-bit PCM: what DAWs exchange, and half the size of 32-bit float for the same stem.
@@ -75,25 +76,6 @@ def _read_with_soundfile(path: Path) -> SourceAudio:
             f"The source file {path} is cut off ({missing} bytes of audio data missing); upload the complete file.",
         )
     return SourceAudio(samples=samples, sample_rate=int(rate))
-
-
-def wav_bytes_missing(path: Path) -> int:
-    """For a RIFF/WAVE file: how many bytes its data chunk declares beyond the end of the file."""
-    with open(path, "rb") as handle:
-        head = handle.read(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return 0
-        size = os.fstat(handle.fileno()).st_size
-        while True:
-            chunk = handle.read(8)
-            if len(chunk) < 8:
-                return 0
-            declared = int.from_bytes(chunk[4:8], "little")
-            start = handle.tell()
-            if chunk[:4] == b"data":
-                # 0xFFFFFFFF marks a streamed or RF64-style header whose length is unknown
-                return 0 if declared == 0xFFFFFFFF else max(0, start + declared - size)
-            handle.seek(start + declared + (declared & 1))
 
 
 def _read_with_ffmpeg(path: Path) -> SourceAudio:

@@ -1,8 +1,9 @@
-"""The runner's event stream and exit statuses: the whole contract the web service reads.
+"""The runner's event stream and its errors (the protocol itself is runner/contract.py).
 
 stdout carries one JSON object per line and nothing else; people read stderr. Anything
 else that writes to stdout (a library's print) would corrupt the stream, so `EventStream`
-keeps a private handle on the real stdout and the CLI points `sys.stdout` at stderr.
+keeps a private handle on the real stdout and the CLI points `sys.stdout` at stderr. The exit
+statuses and stages are the contract's; their old names stay importable from here.
 """
 from __future__ import annotations
 
@@ -11,14 +12,13 @@ import sys
 import threading
 from typing import IO, Any
 
-# Exit statuses (DESIGN.md section 4).
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
-EXIT_CHECKPOINT = 3
-EXIT_GENERATION = 4
-EXIT_CANCELLED = 5
+from runner.contract import STAGES, EventType, ExitStatus
 
-STAGES = ("loading", "encoding", "generating", "decoding", "writing")
+EXIT_OK = ExitStatus.OK.value
+EXIT_BAD_INPUT = ExitStatus.BAD_INPUT.value
+EXIT_CHECKPOINT = ExitStatus.CHECKPOINT.value
+EXIT_GENERATION = ExitStatus.GENERATION.value
+EXIT_CANCELLED = ExitStatus.CANCELLED.value
 
 
 class RunnerError(Exception):
@@ -76,12 +76,12 @@ class EventStream:
 
     def stage(self, name: str) -> None:
         assert name in STAGES, name
-        self.emit("stage", stage=name)
+        self.emit(EventType.STAGE.value, stage=name)
         self.say(f"[runner] {name}")
 
     def progress(self, step: int, total: int) -> None:
         with self._lock:
-            self.emit("progress", step=step, total=total)
+            self.emit(EventType.PROGRESS.value, step=step, total=total)
             width = 30
             done = int(width * step / max(total, 1))
             self._err.write(f"\r[runner] step {step}/{total} [{'#' * done}{'.' * (width - done)}]")
@@ -92,5 +92,5 @@ class EventStream:
     def error(self, err: RunnerError) -> None:
         # exit_status: the status a one-shot run exits with; a keep-warm `serve` process stays up
         # after a job's error, so its client reads the job's status here.
-        self.emit("error", code=err.code, message=err.message, retryable=err.retryable, exit_status=err.exit_status)
+        self.emit(EventType.ERROR.value, code=err.code, message=err.message, retryable=err.retryable, exit_status=err.exit_status)
         self.say(f"[runner] error {err.code}: {err.message}")

@@ -22,9 +22,7 @@ from runner.events import EventStream, bad_input, checkpoint_error, RunnerError
 from runner.layout import inspect_folder
 from runner.tracks import DEFAULT_CAPTIONS, TRACKS
 
-BPM_RANGE = (30, 300)
-STEPS_RANGE = (1, 200)
-MAX_CAPTION_CHARS = 1000
+from runner.contract import BPM_RANGE, MAX_CAPTION_CHARS, STEPS_RANGE  # noqa: E402 - the limits are the contract's
 
 
 @dataclass

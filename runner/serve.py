@@ -1,45 +1,42 @@
-"""`serve`: one process for several jobs, the keep-warm path (issue 4).
+"""`serve`: one process for several jobs, the keep-warm path (issue 4), and how the service runs the runner.
 
 It imports torch and diffusers at once but touches no GPU until the first job, so a runner
-started ahead of time holds no VRAM while it waits. Jobs arrive as JSON lines on stdin,
-`{"command": "lego", "args": {...}}`, and produce the same events as `lego`, followed by
+started ahead of time holds no VRAM while it waits. Jobs arrive as JSON lines on stdin (the
+contract's job lines, runner/contract.py) and produce the same events as `lego`, followed by
 `{"event": "ready"}`. With a model loaded it waits at most --idle-timeout seconds for the next
 job (0: exit after the first job, the seed's behaviour), then exits and frees the GPU.
 `{"command": "exit"}` or end of input ends it at once.
+
+It cannot outlive the service (runner/lifeline.py): the parent-death signal and a watch on
+stdin, installed before the heavy imports, turn the service's end into SIGTERM, which cancels
+the job (exit 5, nothing written).
 """
 from __future__ import annotations
 
-import json
 import os
 import select
 import time
 from dataclasses import fields
 from pathlib import Path
 
-from runner.device import import_torch_seconds
+from runner import lifeline
+from runner.contract import JOB_FIELDS, PATH_FIELDS, ContractError, EventType, JobCommand, decode_job_line
 from runner.events import EXIT_BAD_INPUT, EXIT_OK, EventStream, RunnerError, bad_input
-from runner.lego import EngineCache, LegoArgs, run_lego
-
-PATH_FIELDS = {"source", "checkpoints", "out"}
-LEGO_FIELDS = {f.name for f in fields(LegoArgs)}
 
 
-def parse_job(line: str) -> LegoArgs | None:
+def parse_job(line: str):
     """A job line into LegoArgs; None for an exit command."""
+    from runner.lego import LegoArgs
+
     try:
-        message = json.loads(line)
-    except ValueError:
-        raise bad_input("bad_job_line", "A job line must be one JSON object.") from None
-    if not isinstance(message, dict) or message.get("command") not in ("lego", "exit"):
-        raise bad_input("bad_job_line", 'A job line needs "command": "lego" or "exit".')
-    if message["command"] == "exit":
+        command, args = decode_job_line(line)
+    except ContractError as exc:
+        raise bad_input("bad_job_line", str(exc)) from None
+    if command is JobCommand.EXIT:
         return None
-    args = message.get("args") or {}
-    unknown = set(args) - LEGO_FIELDS
-    if unknown:
-        raise bad_input("bad_job_line", f"Unknown job fields: {', '.join(sorted(unknown))}.")
+    assert {f.name for f in fields(LegoArgs)} == set(JOB_FIELDS), "runner/contract.py and LegoArgs disagree"
     try:
-        values = {k: (Path(v) if k in PATH_FIELDS else v) for k, v in args.items()}
+        values = {k: (Path(v) if k in PATH_FIELDS and v is not None else v) for k, v in args.items()}
         return LegoArgs(**values)
     except TypeError as exc:
         raise bad_input("bad_job_line", f"The job is incomplete: {exc}.") from None
@@ -73,7 +70,11 @@ class StdinLines:
 
 
 def serve(args, events: EventStream) -> int:
-    events.emit("ready", loaded=False, import_s=import_torch_seconds())
+    watch = lifeline.install()  # before the heavy imports: a service that dies meanwhile still ends us
+    from runner.device import import_torch_seconds
+    from runner.lego import EngineCache, run_lego
+
+    events.emit(EventType.READY.value, loaded=False, import_s=import_torch_seconds())
     cache = EngineCache()
     idle = max(0.0, float(args.idle_timeout))
     jobs = 0
@@ -92,12 +93,16 @@ def serve(args, events: EventStream) -> int:
             if job is None:
                 break
             jobs += 1
-            result = run_lego(job, events, cache)
-            events.emit("result", **result)
+            watch.job_started()
+            try:
+                result = run_lego(job, events, cache)
+            finally:
+                watch.job_ended()
+            events.emit(EventType.RESULT.value, **result)
         except RunnerError as err:
             events.error(err)
             if err.exit_status != EXIT_BAD_INPUT:
                 cache.current = None  # a failed load or generation: start clean next time
-        events.emit("ready", loaded=cache.current is not None)
+        events.emit(EventType.READY.value, loaded=cache.current is not None)
     events.say(f"[runner] serve: exiting after {jobs} job(s)")
     return EXIT_OK

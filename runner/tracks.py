@@ -1,6 +1,6 @@
 """The three stems this service makes, their default captions and the lego instruction."""
 
-TRACKS = ("vocals", "backing_vocals", "drums")
+from runner.contract import TRACKS  # noqa: F401 - defined once, in the contract
 
 DEFAULT_CAPTIONS = {
     "vocals": "soulful indie vocalist, warm, wordless melody, expressive",

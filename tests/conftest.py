@@ -167,10 +167,15 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 # ---- web apps on the fake runner -------------------------------------------------------------------
 
-def fake_runner_command(mode: str = "ok", step_s: float = 0.01, record: Path | None = None, steps_shown: int = 5) -> str:
+def fake_runner_command(mode: str = "ok", step_s: float = 0.01, record: Path | None = None, steps_shown: int = 5,
+                        once: Path | None = None, chatty_kb: int | None = None) -> str:
     parts = [sys.executable, str(FAKE_RUNNER), "--mode", mode, "--step-s", str(step_s), "--steps-shown", str(steps_shown)]
     if record is not None:
         parts += ["--record", str(record)]
+    if once is not None:
+        parts += ["--once", str(once)]
+    if chatty_kb is not None:
+        parts += ["--chatty-kb", str(chatty_kb)]
     return shlex.join(parts)
 
 
@@ -180,7 +185,7 @@ def read_records(path: Path) -> list[dict]:
     if not path.exists():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if "spawn" not in r]
+    return [r for r in records if "spawn" not in r and "noticed" not in r]
 
 
 @pytest.fixture
@@ -216,7 +221,7 @@ def make_app(web_env):
 
     yield _make
     for app in apps:
-        app.extensions["acestep"].jobs.shutdown(10)
+        app.extensions["acestep"].close(10)
 
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02, what: str = "condition"):
@@ -235,7 +240,7 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02, what: str
 def fake_queue():
     from tests.fakes.gpu_queue import FakeGpuQueue
 
-    fake = FakeGpuQueue(pool=13000, lane="acestep").start()
+    fake = FakeGpuQueue(pool=13000).start()
     yield fake
     fake.stop()
 

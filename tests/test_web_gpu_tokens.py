@@ -32,9 +32,10 @@ def assert_invariants(fake, records, expect_status: dict[str, str]):
     acquires = fake.acquires()
     releases = fake.releases()
     assert len(acquires) == len(releases) == len(expect_status), (acquires, releases)
+    assert fake.problems() == []
     starts = {r["pid"]: r for r in records if "start" in r}
     for task_id, status in expect_status.items():
-        sid = f"acestep-lego-{task_id}"
+        sid = fake.sid_of(task_id)
         session = fake.sessions[sid]
         assert [c["body"]["session_id"] for c in releases].count(sid) == 1  # exactly one release
         assert session["release_status"] == status
@@ -53,7 +54,7 @@ def queued_app(make_app, fake_queue, tmp_path):
     record = tmp_path / "runs.jsonl"
 
     def alive_runners(session_id: str):
-        task = session_id.rsplit("-", 1)[1]
+        task = session_id.split("-")[2]
         return [r["pid"] for r in read_records(record) if "start" in r and task in " ".join(r["argv"]) and pid_alive(r["pid"])]
 
     fake_queue.on_release = alive_runners
@@ -72,9 +73,12 @@ def test_success_acquires_then_runs_then_releases(queued_app, fake_queue):
     assert resp.status_code == 200
     task = resp.headers["X-Task-Id"]
     body = fake_queue.acquires()[0]["body"]
-    assert body == {"session_id": f"acestep-lego-{task}", "tokens": 5000, "task_type": "lego"}
+    sid = fake_queue.sid_of(task)
+    assert body == {"session_id": sid, "tokens": 5000, "task_type": "lego"}
+    assert fake_queue.acquires()[0]["path"] == "/tasks"  # the seed's token-mode path: no lane by default
     wait_for(lambda: fake_queue.releases(), what="the release after the runner exited")
-    assert fake_queue.releases()[0]["body"] == {"session_id": f"acestep-lego-{task}", "status": "completed"}
+    assert fake_queue.releases()[0]["body"] == {"session_id": sid, "status": "completed"}
+    assert fake_queue.releases()[0]["path"] == "/task/status"
     assert_invariants(fake_queue, read_records(record), {task: "completed"})
     assert fake_queue.free == fake_queue.pool
 
@@ -109,7 +113,7 @@ def test_waiting_in_the_gpu_queue_shows_position_and_cancel_releases_without_a_r
     client = app.test_client()
     fake_queue.occupy("another-model", 10000)  # 3000 left: our 5000 must wait
     task = json_job(client)
-    wait_for(lambda: fake_queue.calls_to(f"/tasks/acestep-lego-{task}", "GET"), what="polling the queue")
+    wait_for(lambda: fake_queue.calls_to(f"/tasks/{fake_queue.sid_of(task)}", "GET"), what="polling the queue")
     status = client.get(f"/lego/status/{task}").get_json()
     assert status["status"] == "queued" and status["generation_in_progress"] is True
     assert status["queue_status"]["status"] == "queued" and status["queue_status"]["position"] == 1
@@ -125,7 +129,7 @@ def test_queued_job_runs_once_tokens_free_up(queued_app, fake_queue):
     client = app.test_client()
     fake_queue.occupy("another-model", 10000)
     task = json_job(client)
-    wait_for(lambda: len(fake_queue.calls_to(f"/tasks/acestep-lego-{task}", "GET")) >= 3, what="polls")
+    wait_for(lambda: len(fake_queue.calls_to(f"/tasks/{fake_queue.sid_of(task)}", "GET")) >= 3, what="polls")
     assert read_records(record) == []
     fake_queue.vacate("another-model")
     wait_for(lambda: client.get(f"/lego/status/{task}").get_json()["status"] == "completed", what="completion")
@@ -149,8 +153,7 @@ def test_two_jobs_never_overlap_and_each_releases_once(queued_app, fake_queue):
     for task in tasks:
         wait_for(lambda t=task: client.get(f"/lego/status/{t}").get_json()["status"] == "completed", what=task)
     assert_invariants(fake_queue, read_records(record), {t: "completed" for t in tasks})
-    spans = sorted((fake_queue.sessions[f"acestep-lego-{t}"]["granted"], fake_queue.sessions[f"acestep-lego-{t}"]["released"])
-                   for t in tasks)
+    spans = sorted((fake_queue.session_of(t)["granted"], fake_queue.session_of(t)["released"]) for t in tasks)
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # one at a time
 
 

@@ -1,89 +1,44 @@
 """The service started the README's way (`gunicorn -c gunicorn.conf.py wsgi:app`) behind real HTTP:
 both protocols end to end with the real runner on the tiny checkpoint, a client that hangs up
-mid-generation, and a graceful shutdown during a job. GPU tokens come from the fake
-gpu-queue-service, which checks at each release that no runner of the job is still alive."""
+mid-generation, one that only half-closes, and a graceful shutdown during a job. GPU tokens come
+from the fake gpu-queue-service, which checks at each release that no runner of the job is alive
+(the job's runner pids come from the service's own log, so the check looks at the real processes)."""
 from __future__ import annotations
 
 import base64
 import io
 import json
-import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 import requests
 import soundfile as sf
 
-from conftest import ROOT, fake_runner_command, free_port, live_processes_with, read_records, wait_for, wav_bytes
+from conftest import fake_runner_command, live_processes_with, pid_alive, read_records, wait_for, wav_bytes
+from harness import Gunicorn, assert_released_after_exit, runner_alive_check
 
 pytestmark = pytest.mark.slow
-GUNICORN = ROOT / ".venv" / "bin" / "gunicorn"
-
-
-class Gunicorn:
-    def __init__(self, env: dict, log_path: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        full_env = {**os.environ, **env, "PORT": str(self.port), "LOG_FORMAT": "json"}
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT, env=full_env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(self._healthy, timeout=60, interval=0.2, what="gunicorn to answer /health")
-
-    def _healthy(self):
-        if self.proc.poll() is not None:
-            raise AssertionError(f"gunicorn exited: {self.log_path.read_text()[-3000:]}")
-        try:
-            return requests.get(self.url + "/health", timeout=1).status_code == 200
-        except requests.ConnectionError:
-            return False
-
-    def events(self, name: str | None = None) -> list[dict]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                try:
-                    ev = json.loads(line)
-                except ValueError:
-                    continue
-                if name is None or ev.get("event") == name:
-                    out.append(ev)
-        return out
-
-    def stop(self, timeout: float = 40) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture
 def start_gunicorn(tmp_path, fake_queue):
-    servers = []
+    servers: list[Gunicorn] = []
     data_dir = tmp_path / f"data-{uuid.uuid4().hex[:6]}"
-    # At each release, the fake queue looks for any live process still working in this service's data folder.
-    fake_queue.on_release = lambda session_id: live_processes_with(str(data_dir))
+    fake_queue.on_release = runner_alive_check(servers)
 
-    def start(**env):
-        base = {"DATA_DIR": str(data_dir), "QUEUE_URL": fake_queue.url, "QUEUE_POLL_INTERVAL_S": "0.1",
+    def start(data=None, **env):
+        base = {"DATA_DIR": str(data or data_dir), "QUEUE_URL": fake_queue.url, "QUEUE_POLL_INTERVAL_S": "0.1",
                 "GPU_LOCK_FILE": str(tmp_path / "gpu.lock"), "LEGO_STEPS": "3", "LEGO_MIN_STEPS": "1",
                 "ACESTEP_DEVICE": "cpu", "RUNNER_KILL_GRACE_S": "2", "LOG_LEVEL": "INFO"}
         server = Gunicorn({**base, **env}, tmp_path / f"gunicorn-{len(servers)}.log")
         servers.append(server)
-        return server, data_dir
+        return server, data or data_dir
 
+    start.servers = servers
     yield start
     for server in servers:
         server.stop()
@@ -91,15 +46,14 @@ def start_gunicorn(tmp_path, fake_queue):
 
 def assert_token_log_invariants(server: Gunicorn, fake_queue, task_ids: list[str]):
     # A completed job is answered once its stem is written; its runner's exit and the release follow.
-    deadline = time.monotonic() + 20
-    while len(fake_queue.releases()) < len(task_ids) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: all(fake_queue.sids_of(t) and all(fake_queue.sessions[s]["released"] for s in fake_queue.sids_of(t))
+                         for t in task_ids), timeout=20, what="every release")
     starts = {e["job_id"]: e for e in server.events("job_runner_started")}
     exits = {e["job_id"]: e for e in server.events("job_runner_exited")}
     assert len(fake_queue.acquires()) == len(fake_queue.releases()) == len(task_ids)
+    assert_released_after_exit(fake_queue, task_ids, [server])
     for task in task_ids:
-        session = fake_queue.sessions[f"acestep-lego-{task}"]
-        assert session["at_release"] == [], "a runner was alive when its tokens were released"
+        session = fake_queue.session_of(task)
         if task in starts:
             assert starts[task]["started_at"] >= session["granted"], "runner started before the tokens were granted"
             assert exits[task]["exited_at"] <= session["released"], "tokens released before the runner exited"
@@ -181,9 +135,10 @@ def test_client_disconnect_cancels_the_job_and_frees_the_gpu(start_gunicorn, fak
     assert [r["code"] for r in read_records(record) if "exit" in r] == [5]  # SIGTERMed, exited cleanly
     status = requests.get(f"{server.url}/lego/status/{task}", timeout=5).json()
     assert status["error_code"] == "job_cancelled" and "client disconnected" in status["error"]
+    assert server.events("client_disconnected")[0]["probes"] == 1  # one interim 100 answered by a reset
     assert_token_log_invariants(server, fake_queue, [task])
-    assert fake_queue.sessions[f"acestep-lego-{task}"]["release_status"] == "failed"
-    assert runner_pid not in live_processes_with("fake_runner.py")
+    assert fake_queue.session_of(task)["release_status"] == "failed"
+    assert not pid_alive(runner_pid)
 
 
 def test_graceful_shutdown_cancels_the_running_job_and_releases(start_gunicorn, fake_queue, fake_checkpoints, tmp_path):
@@ -212,4 +167,28 @@ def test_graceful_shutdown_cancels_the_running_job_and_releases(start_gunicorn, 
     assert [r["code"] for r in read_records(record) if "exit" in r] == [5]
     running = server.events("job_runner_started")[0]["job_id"]
     assert_token_log_invariants(server, fake_queue, [running])  # the queued job never took tokens
-    assert live_processes_with(str(data_dir)) == []
+    assert fake_queue.sids_of(queued["task_id"]) == []
+    assert live_processes_with(str(record)) == []  # every fake runner (the spare too) is gone
+    record_on_disk = json.loads((data_dir / "jobs" / queued["task_id"] / "job.json").read_text())
+    assert record_on_disk["state"] == "queued"  # kept for the next start (tests/test_web_faults.py resumes it)
+
+
+def test_a_half_closed_client_still_gets_its_answer(start_gunicorn, fake_queue, fake_checkpoints, tmp_path):
+    """A client that shuts down its sending side after the request (and keeps reading) is not gone."""
+    record = tmp_path / "runs.jsonl"
+    server, _ = start_gunicorn(ACESTEP_CHECKPOINTS=str(fake_checkpoints),
+                               RUNNER_COMMAND=fake_runner_command(step_s=0.6, steps_shown=5, record=record))
+    sock = _raw_multipart_request(server.port, wav_bytes(2.0))
+    sock.shutdown(socket.SHUT_WR)
+    sock.settimeout(60)
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    sock.close()
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+    probes = 0
+    while answer.startswith(interim):  # one probe every 2 s while the job runs
+        answer, probes = answer[len(interim):], probes + 1
+    assert probes >= 1 and answer.startswith(b"HTTP/1.1 200 OK"), answer[:200]
+    assert b"audio/mpeg" in answer[:2000] and server.events("client_disconnected") == []
+    assert [r["code"] for r in read_records(record) if "exit" in r] == [0]

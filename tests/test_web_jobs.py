@@ -173,7 +173,7 @@ def test_delete_cancels_the_running_job_kills_the_runner_and_frees_the_lock(make
     health = client.get("/health").get_json()
     assert health["gpu_tokens"]["gpu_held"] is False and health["runner"]["holding_gpu"] is False
     job_dir = app.extensions["acestep"].settings.data_dir / "jobs" / task
-    assert files_under(job_dir) == ["runner.stderr.log"]  # the log stays for debugging, nothing else
+    assert files_under(job_dir) == ["job.json", "runner.stderr.log"]  # the record and the log stay, nothing else
     assert client.delete(f"/lego/{task}").get_json()["status"] == "deleted"
     assert not job_dir.exists()
 
@@ -186,8 +186,12 @@ def test_delete_of_a_queued_job_never_starts_it(make_app, tmp_path):
     second = post_json(client).get_json()["task_id"]
     wait_for(lambda: read_records(record), what="first runner")
     assert client.delete(f"/lego/{second}").get_json()["status"] == "cancelled"
+    jobs = app.extensions["acestep"].jobs
     client.delete(f"/lego/{first}")
-    time.sleep(0.3)
+    assert job_of(app, first).finished
+    rounds = jobs.idle_rounds
+    # The worker has looked at its queue again since the first job ended: the second would have started.
+    wait_for(lambda: jobs.idle_rounds > rounds, what="the worker to find its queue empty")
     assert len([r for r in read_records(record) if "start" in r]) == 1
 
 
@@ -225,7 +229,7 @@ def test_runner_failures_map_to_truthful_errors(make_app, mode, status, code, re
     assert resp.status_code == status and body["error_code"] == code and body["retryable"] is retryable, body
     task = resp.headers["X-Task-Id"]
     job_dir = app.extensions["acestep"].settings.data_dir / "jobs" / task
-    assert files_under(job_dir) == ["runner.stderr.log"]  # source and partial output gone, log kept
+    assert files_under(job_dir) == ["job.json", "runner.stderr.log"]  # source and partial output gone, log kept
     assert f"[fake-runner] {mode}" in (job_dir / "runner.stderr.log").read_text()
     err = capfd.readouterr().err
     assert "runner_failed" in err and f"[fake-runner] {mode}" in err  # the stderr tail is in the log
@@ -270,7 +274,7 @@ def test_results_expire_with_their_files(make_app):
     data_dir = app.extensions["acestep"].settings.data_dir
     assert (data_dir / "jobs" / task / "out").is_dir()
     wait_for(lambda: client.get(f"/lego/status/{task}").status_code == 404, timeout=5, what="expiry")
-    assert files_under(data_dir) == []
+    assert files_under(data_dir / "jobs") == []
 
 
 def test_leftovers_of_a_previous_process_are_removed_at_start(make_app, web_env):
@@ -346,11 +350,14 @@ def test_runner_gets_flags_not_the_service_environment(make_app, tmp_path, monke
     assert probe.read_text() == "[]"
 
 
-def test_webapp_never_imports_torch():
+def test_webapp_never_imports_torch(tmp_path):
+    """Of the runner, the web service imports only its standard-library-only contract modules."""
     code = ("import sys, wsgi\n"
-            "bad = [m for m in ('torch', 'diffusers', 'transformers', 'acestep', 'runner') if m in sys.modules]\n"
+            "bad = [m for m in ('torch', 'diffusers', 'transformers', 'acestep', 'numpy.testing', 'soxr') if m in sys.modules]\n"
+            "bad += [m for m in sys.modules if m.startswith('runner') and m not in ('runner', 'runner.contract', 'runner.riff')]\n"
             "assert not bad, bad\n")
     env = {**os.environ}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={**env, "ACESTEP_CHECKPOINTS": str(ROOT), "DATA_DIR": "/tmp/acestep-notorch-test"})
+                          env={**env, "ACESTEP_CHECKPOINTS": str(ROOT), "DATA_DIR": str(tmp_path / "data"),
+                               "GPU_LOCK_FILE": str(tmp_path / "gpu.lock")})
     assert proc.returncode == 0, proc.stderr[-2000:]

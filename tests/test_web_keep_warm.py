@@ -79,8 +79,9 @@ def test_a_failed_job_does_not_keep_the_runner_warm(queued_app, fake_queue):
 def test_prestarted_runner_holds_no_tokens_and_takes_the_first_job(queued_app, fake_queue):
     app, record = queued_app("ok")
     (spare,) = wait_for(lambda: spawns(record), what="a runner started ahead")
-    time.sleep(0.3)
-    assert fake_queue.acquires() == []  # started ahead, it asked for no tokens
+    jobs = app.extensions["acestep"].jobs
+    wait_for(lambda: jobs.warm_state()["spare_ready"], what="the spare to say it is ready")
+    assert fake_queue.calls == []  # started ahead and ready, it asked for no tokens
     assert sync_job(app.test_client()).status_code == 200
     (start,) = [r for r in read_records(record) if "start" in r]
     assert start["pid"] == spare["pid"]  # the job went to the runner started ahead
@@ -91,7 +92,8 @@ def test_prestarted_runner_holds_no_tokens_and_takes_the_first_job(queued_app, f
 
 def test_prestart_off_starts_the_runner_after_the_tokens(queued_app, fake_queue):
     app, record = queued_app("ok", RUNNER_PRESTART="false")
-    time.sleep(0.5)
+    jobs = app.extensions["acestep"].jobs
+    wait_for(lambda: jobs.idle_rounds >= 1, what="an idle round")  # its idle duty, where a spare would start, ran
     assert spawns(record) == []
     assert sync_job(app.test_client()).status_code == 200
     (spawn,) = spawns(record)

@@ -82,7 +82,11 @@ def test_every_default_parses(tmp_path):
     ("REDIS_URL", "localhost:6379", "not a valid URL"),
     ("ACESTEP_DTYPE", "fp8", "not one of"),
     ("ACESTEP_INIT_LLM", "true", "not supported"),
-    ("LEGO_STEPS", "500", "must lie between"),
+    ("LEGO_STEPS", "500", "above the maximum 200"),
+    ("LEGO_STEPS", "300", "above the maximum 200"),  # the runner refuses more than 200 steps (contract)
+    ("LEGO_MAX_STEPS", "500", "above the maximum 200"),
+    ("LEGO_MIN_STEPS", "60", "must lie between"),
+    ("MAX_DECODED_MB", "50", "cannot hold MAX_DURATION_S=240 s"),
     ("QUEUE_LANE", "a b", "may hold only"),
     ("QUEUE_PROCEED_IF_UNREACHABLE", "maybe", "yes/no"),
     ("RUNNER_COMMAND", "python '-m runner", "quoting"),
@@ -97,15 +101,66 @@ def test_bad_values_are_one_clear_sentence(tmp_path, name, value, words):
     assert message.count(". ") == 0 and message.endswith(".")  # one sentence
 
 
-def test_missing_or_unreadable_checkpoint_folder(tmp_path):
+def test_missing_checkpoint_folder(tmp_path):
     with pytest.raises(SettingsError, match="ACESTEP_CHECKPOINTS=.* is not a folder; download the weights"):
         Settings.from_env({"ACESTEP_CHECKPOINTS": str(tmp_path / "nowhere"), "DATA_DIR": str(tmp_path / "d")})
-    if os.geteuid() == 0:
-        return  # root reads every folder; the permission branch cannot be exercised here
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0)
-    with pytest.raises(SettingsError, match="not readable"):
-        Settings.from_env({"ACESTEP_CHECKPOINTS": str(locked), "DATA_DIR": str(tmp_path / "d")})
+
+
+def test_unreadable_checkpoint_folder():
+    """Root reads every folder, so under root (CI) the check runs in a child that became `nobody`."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="acestep-perm-", dir="/tmp"))
+    try:
+        base.chmod(0o777)  # nobody must be able to reach the folders, and create the data folder
+        locked = base / "locked"
+        locked.mkdir(mode=0)
+        env = {"ACESTEP_CHECKPOINTS": str(locked), "DATA_DIR": str(base / "d"), "GPU_LOCK_FILE": str(base / "l")}
+        if os.geteuid() != 0:
+            with pytest.raises(SettingsError, match="not readable"):
+                Settings.from_env(env)
+            return
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: drop to nobody, run the check, report the message
+            try:
+                os.close(read)
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                try:
+                    Settings.from_env(env)
+                    message = "no error"
+                except SettingsError as exc:
+                    message = str(exc)
+                os.write(write, message.encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as fh:
+            message = fh.read().decode()
+        os.waitpid(pid, 0)
+        assert "is not readable by this user" in message and str(locked) in message, message
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_graceful_timeout_outlasts_a_runner_that_ignores_sigterm(tmp_path):
+    """gunicorn's graceful_timeout is derived from the settings: even a long RUNNER_KILL_GRACE_S leaves
+    the worker time to SIGKILL its runner and release the tokens before the master gives up on it."""
+    env = {**os.environ, "ACESTEP_CHECKPOINTS": str(tmp_path), "DATA_DIR": str(tmp_path / "d"),
+           "GPU_LOCK_FILE": str(tmp_path / "l"), "QUEUE_URL": "http://127.0.0.1:9/"}
+    for grace in ("1", "5", "60", "120"):
+        proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c",
+                               "import runpy, json; c = runpy.run_path('gunicorn.conf.py'); "
+                               "print(json.dumps([c['graceful_timeout'], c['_settings'].shutdown_budget_s]))"],
+                              cwd=ROOT, env={**env, "RUNNER_KILL_GRACE_S": grace}, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        graceful, budget = __import__("json").loads(proc.stdout)
+        settings = Settings.from_env({**env, "RUNNER_KILL_GRACE_S": grace})
+        assert budget == settings.shutdown_budget_s >= 2 * float(grace) + settings.release_budget_s
+        assert graceful >= budget + 5 and graceful >= 30
 
 
 def test_data_dir_that_cannot_be_created(tmp_path):

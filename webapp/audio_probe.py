@@ -1,9 +1,13 @@
 """Prove an upload is audio before it is queued, and hand the runner one format it surely reads.
 
-ffprobe reads what the file declares (container duration, codec); ffmpeg then decodes the whole
-audio stream (bounded by the duration limit) into a float32 WAV at the source's own sample rate.
+ffprobe reads what the file declares (container duration, codec, rate, channels); a file that
+would decode to more than MAX_DECODED_MB (rate x channels x duration: a 54 KB FLAC at 384 kHz
+declares 700 MB) is refused before decoding, and so is one the disk has no room for. ffmpeg then
+decodes the whole audio stream (bounded by the duration limit and by the size limit, whatever the
+header says) into a float32 WAV at the source's own sample rate.
 Decoding is the proof: bytes named `.wav` that are not audio fail here, a file whose decoded
-length falls well short of its declared length is truncated. The decoded WAV is what the runner
+length falls well short of its declared length is truncated (a cut-off WAV, which every decoder
+reads quietly up to the cut, is caught by its header: runner/riff.py). The decoded WAV is what the runner
 gets, so the stem's frame count is measured against exactly this file. Without ffmpeg on the
 host, soundfile (libsndfile) does the same for the formats it knows.
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import time
@@ -23,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from runner.riff import wav_bytes_missing
 from webapp.errors import ApiError
 
 log = logging.getLogger("acestep.webapp.audio")
@@ -32,6 +38,8 @@ TRUNCATION_TOLERANCE_S = 1.0
 TRUNCATION_TOLERANCE_RATIO = 0.05
 # Channels beyond stereo are folded down; the model is stereo.
 MAX_CHANNELS = 2
+BYTES_PER_SAMPLE = 4  # the decoded WAV is 32-bit float
+DISK_MARGIN_BYTES = 4 * 1024 * 1024  # room kept for records, logs and the stem
 
 
 @dataclass
@@ -55,19 +63,48 @@ def tools_available() -> bool:
     return shutil.which("ffprobe") is not None and shutil.which("ffmpeg") is not None
 
 
-def probe_and_decode(raw: Path, wav_out: Path, *, timeout_s: float, min_s: float, max_s: float) -> ProbedAudio:
+def probe_and_decode(raw: Path, wav_out: Path, *, timeout_s: float, min_s: float, max_s: float,
+                     max_bytes: int) -> ProbedAudio:
     """Check `raw` and write its audio to `wav_out` (float32 WAV); raise ApiError for bad audio."""
     if raw.stat().st_size == 0:
         raise ApiError("empty_audio")
+    missing = wav_bytes_missing(raw)
+    if missing:
+        raise ApiError("truncated_audio", f"The WAV file's header declares {missing} more bytes of audio than the file "
+                                          "holds: it is cut off; send the complete file.")
     if tools_available():
-        probed = _with_ffmpeg(raw, wav_out, timeout_s, max_s)
+        probed = _with_ffmpeg(raw, wav_out, timeout_s, max_s, max_bytes)
     else:
-        probed = _with_soundfile(raw, wav_out, max_s)
+        probed = _with_soundfile(raw, wav_out, max_s, max_bytes)
     _check_lengths(probed, min_s, max_s)
+    _check_size(probed.sample_rate, probed.channels, probed.duration_s, max_bytes)
     return probed
 
 
-def _with_ffmpeg(raw: Path, wav_out: Path, timeout_s: float, max_s: float) -> ProbedAudio:
+def decoded_bytes(rate: int, channels: int, seconds: float) -> int:
+    return int(rate * min(max(channels, 1), MAX_CHANNELS) * BYTES_PER_SAMPLE * seconds)
+
+
+def _check_size(rate: int, channels: int, seconds: float, max_bytes: int) -> None:
+    size = decoded_bytes(rate, channels, seconds)
+    if size > max_bytes:
+        raise ApiError("audio_too_large", f"The audio decodes to {size / 1048576:.0f} MB ({rate} Hz x "
+                                          f"{min(channels, MAX_CHANNELS)} channels x {seconds:.1f} s as 32-bit float); "
+                                          f"this service accepts at most {max_bytes / 1048576:g} MB (MAX_DECODED_MB). "
+                                          "Send it at 48 kHz, or a shorter excerpt.")
+
+
+def _check_room(folder: Path, need: int) -> None:
+    """Refuse (retryable) before decoding what the disk cannot hold."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return
+    if st.f_bavail * st.f_frsize < need + DISK_MARGIN_BYTES:
+        raise ApiError("storage_full")
+
+
+def _with_ffmpeg(raw: Path, wav_out: Path, timeout_s: float, max_s: float, max_bytes: int) -> ProbedAudio:
     t0 = time.perf_counter()
     info = _ffprobe(raw, timeout_s)
     t1 = time.perf_counter()
@@ -80,8 +117,13 @@ def _with_ffmpeg(raw: Path, wav_out: Path, timeout_s: float, max_s: float) -> Pr
         # Refuse before spending time decoding a long file (a lying header is caught after decoding).
         raise ApiError("audio_too_long", _too_long_message(declared, max_s))
     channels = int(stream.get("channels") or 0)
+    rate = int(_float_or_none(stream.get("sample_rate")) or 0)
+    if declared is not None and rate > 0:
+        _check_size(rate, channels, min(declared, max_s + 2 * TRUNCATION_TOLERANCE_S), max_bytes)
+        _check_room(wav_out.parent, decoded_bytes(rate, channels, min(declared, max_s + 2 * TRUNCATION_TOLERANCE_S)))
+    # -fs bounds the decoded file whatever the header claims; a cut there fails the size check below.
     cmd = ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-i", str(raw), "-map", "0:a:0", "-vn", "-sn", "-dn",
-           "-t", f"{max_s + 2 * TRUNCATION_TOLERANCE_S:.3f}", "-c:a", "pcm_f32le"]
+           "-t", f"{max_s + 2 * TRUNCATION_TOLERANCE_S:.3f}", "-fs", str(max_bytes + 4096), "-c:a", "pcm_f32le"]
     if channels > MAX_CHANNELS:
         cmd += ["-ac", str(MAX_CHANNELS)]
     cmd += ["-f", "wav", "-y", str(wav_out)]
@@ -94,7 +136,12 @@ def _with_ffmpeg(raw: Path, wav_out: Path, timeout_s: float, max_s: float) -> Pr
     if proc.returncode != 0 or not wav_out.is_file():
         log.info("ffmpeg refused an upload: %s", _last_line(proc.stderr))
         wav_out.unlink(missing_ok=True)
+        if b"No space left on device" in (proc.stderr or b"") or b"Disk quota exceeded" in (proc.stderr or b""):
+            raise ApiError("storage_full")
         raise ApiError("not_audio")
+    if wav_out.stat().st_size > max_bytes:
+        raise ApiError("audio_too_large", f"The audio decodes to more than {max_bytes / 1048576:g} MB (MAX_DECODED_MB); "
+                                          "send it at 48 kHz, or a shorter excerpt.")
     decoded = _wav_info(wav_out)
     fmt = str(info.get("format", {}).get("format_name", "unknown")).split(",")[0]
     return ProbedAudio(wav_out, decoded.samplerate, decoded.channels, decoded.frames, fmt, declared,
@@ -118,7 +165,7 @@ def _ffprobe(raw: Path, timeout_s: float) -> dict:
     return info if isinstance(info, dict) else {}
 
 
-def _with_soundfile(raw: Path, wav_out: Path, max_s: float) -> ProbedAudio:
+def _with_soundfile(raw: Path, wav_out: Path, max_s: float, max_bytes: int) -> ProbedAudio:
     t0 = time.perf_counter()
     try:
         info = sf.info(str(raw))
@@ -131,6 +178,9 @@ def _with_soundfile(raw: Path, wav_out: Path, max_s: float) -> ProbedAudio:
         raise ApiError("audio_too_long", _too_long_message(declared, max_s))
     limit = int((max_s + 2 * TRUNCATION_TOLERANCE_S) * info.samplerate)
     channels = min(info.channels, MAX_CHANNELS)
+    if declared is not None:
+        _check_size(info.samplerate, channels, min(declared, max_s + 2 * TRUNCATION_TOLERANCE_S), max_bytes)
+        _check_room(wav_out.parent, decoded_bytes(info.samplerate, channels, min(declared, max_s)))
     written = 0
     try:
         with sf.SoundFile(str(raw)) as src, sf.SoundFile(str(wav_out), "w", samplerate=info.samplerate,

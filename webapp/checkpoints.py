@@ -45,7 +45,7 @@ class CheckpointInfo:
 def inspect_checkpoints(folder: Path, engine_override: str = "auto", config_path: str = "acestep-v15-base") -> CheckpointInfo:
     folder = Path(folder)
     if not folder.is_dir():
-        return CheckpointInfo(str(folder), None, False, False, [str(folder)])
+        return CheckpointInfo(str(folder), None, False, False, ["the checkpoint folder itself"])
     demo = (folder / DEMO_MARKER).is_file()
     engine = engine_override if engine_override != "auto" else _guess_engine(folder, config_path)
     if engine == "diffusers":

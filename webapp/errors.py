@@ -30,6 +30,7 @@ CATALOGUE: dict[str, tuple[int, bool, str]] = {
     "not_audio": (400, False, "The upload could not be decoded as audio; send a WAV, MP3, FLAC, OGG or M4A file."),
     "truncated_audio": (400, False, "The audio file ends early (it is truncated); send the complete file."),
     "audio_too_long": (400, False, "The audio is longer than this service accepts; send a shorter excerpt."),
+    "audio_too_large": (400, False, "The audio decodes to more samples than this service accepts (sample rate x channels x duration); send it at 48 kHz, or a shorter excerpt."),
     "audio_too_short": (400, False, "The audio is too short to build a stem on; send a longer excerpt."),
     "audio_duration_mismatch": (400, False, "`audio_duration` does not match the file's duration; omit it or send the file's real length."),
     "invalid_track_type": (400, False, "The track type must be one of vocals, backing_vocals, drums."),
@@ -51,6 +52,8 @@ CATALOGUE: dict[str, tuple[int, bool, str]] = {
     "gpu_queue_error": (503, True, "The GPU token service answered unexpectedly; retry in a minute."),
     "gpu_busy": (503, True, "The GPU stayed busy longer than the wait limit; retry later."),
     "service_shutting_down": (503, True, "The service is restarting; retry in a minute."),
+    "job_interrupted": (503, True, "The service restarted while the job was running and could not resume it; send the request again."),
+    "storage_full": (507, True, "The service's disk is full; retry later (operators: free space in DATA_DIR)."),
     # the runner
     "job_timeout": (504, True, "The generation took longer than the job time limit and was stopped; retry, perhaps with a shorter source."),
     "runner_rejected_input": (422, False, "The generator refused this input; see the message."),
@@ -85,6 +88,8 @@ class ApiError(Exception):
         resp.status_code = self.status
         for key, value in self.headers.items():
             resp.headers[key] = value
+        if self.status == 413:
+            resp.headers["Connection"] = "close"  # the rest of the body is not read: do not wait for it
         return resp
 
 
@@ -107,9 +112,7 @@ def register_error_handlers(app: Flask) -> None:
             else:
                 api = ApiError("internal_error", status=err.code or 500)
         elif code == "upload_too_large":
-            limit = app.config.get("MAX_CONTENT_LENGTH") or 0
-            api = ApiError(code, f"The request is larger than the {limit / 1048576:g} MB upload limit; "
-                                 "send a shorter or compressed file (MP3/FLAC).")
+            api = too_large(app)
         else:
             api = ApiError(code)
         resp = api.response()
@@ -121,6 +124,20 @@ def register_error_handlers(app: Flask) -> None:
     def _unexpected(err: Exception):
         log.exception("unhandled error: %s", err)
         return ApiError("internal_error").response()
+
+
+def too_large(app: Flask) -> ApiError:
+    """413 that names the limit the request broke: the whole body's, or one text field's."""
+    from flask import request
+
+    limit = app.config.get("MAX_CONTENT_LENGTH") or 0
+    field_limit = app.config.get("MAX_FORM_MEMORY_SIZE") or 0
+    length = request.content_length
+    if length is not None and length <= limit and field_limit:
+        return ApiError("upload_too_large", f"A text field is larger than {field_limit // 1024} KB, the limit of one "
+                                            "field; shorten it (only the audio may be large).")
+    return ApiError("upload_too_large", f"The request is larger than the {limit / 1048576:g} MB upload limit "
+                                        "(MAX_UPLOAD_MB); send a shorter or compressed file (MP3/FLAC).")
 
 
 def markdown_error_table() -> str:

@@ -9,21 +9,26 @@ string or a path.
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from runner import contract
 from webapp.errors import ApiError
 
-TRACKS = ("vocals", "backing_vocals", "drums")
+TRACKS = contract.TRACKS
 OUTPUT_FORMATS = ("mp3", "wav", "flac")
+assert set(OUTPUT_FORMATS) == set(contract.OUTPUT_FORMATS)
 MIME_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac"}
 _ACCEPT_FORMATS = {"audio/mpeg": "mp3", "audio/mp3": "mp3", "audio/wav": "wav", "audio/x-wav": "wav",
                    "audio/wave": "wav", "audio/vnd.wave": "wav", "audio/flac": "flac", "audio/x-flac": "flac"}
-BPM_RANGE = (30, 300)
-MAX_CAPTION_CHARS = 512
+BPM_RANGE = contract.BPM_RANGE
+MAX_CAPTION_CHARS = 512  # stricter than the runner's own limit
+assert MAX_CAPTION_CHARS <= contract.MAX_CAPTION_CHARS
 MAX_TEXT_CHARS = 20_000  # lyrics are ignored, but not without bound
-GUIDANCE_RANGE = (1.0, 30.0)
+GUIDANCE_RANGE = contract.GUIDANCE_RANGE
 SEED_MAX = 2**32 - 1
+RANDOM_SEED_BELOW = 2**31  # a seed the service picks is echoed at once, so the client can reproduce it
 TIME_SIGNATURES = ("2", "3", "4", "6")
 _KEY_RE = re.compile(r"^\s*([A-Ga-g])\s*(#|b|♯|♭)?\s+(major|minor)\s*$", re.IGNORECASE)
 
@@ -91,17 +96,17 @@ def _build(src: Mapping[str, Any], settings, *, track_field: str, output_format:
     batch = _int(src.get("batch_size"), "batch_size", code="invalid_batch_size")
     if batch is None:
         batch = 1
-    if batch not in (1, 2):
+    if batch not in contract.BATCH_SIZES:
         raise ApiError("invalid_batch_size", f"batch_size {batch} is not allowed: send 1 or 2.")
     steps = _steps(src.get("inference_steps"), settings, warnings)
     caption = _text(src.get("caption"))
     if caption is not None and len(caption) > MAX_CAPTION_CHARS:
         raise ApiError("caption_too_long", f"The caption has {len(caption)} characters; the limit is {MAX_CAPTION_CHARS}. Shorten it.")
     seed = _int(src.get("seed"), "seed")
-    if seed is not None and seed < 0:
-        seed = None  # -1: a random seed, reported in the result
     if seed is not None and seed > SEED_MAX:
         raise ApiError("invalid_parameter", f"seed must be between 0 and {SEED_MAX} (or -1 for a random seed).")
+    if seed is None or seed < 0:
+        seed = secrets.randbelow(RANDOM_SEED_BELOW)  # -1 or none: random, chosen here and echoed in every answer
     guidance = _float(src.get("guidance_scale"), "guidance_scale", minimum=GUIDANCE_RANGE[0], maximum=GUIDANCE_RANGE[1])
     params = LegoParams(
         track=track, bpm=bpm, steps=steps, batch_size=batch, key_scale=_key_scale(src.get("key_scale")),
@@ -221,6 +226,8 @@ def _int(value: Any, name: str, code: str = "invalid_parameter") -> int | None:
     if isinstance(value, bool):
         raise ApiError(code, f"{name} must be a whole number.")
     if isinstance(value, int):
+        if abs(value) > 2**63:
+            raise ApiError(code, f"{name} is far too large; send an ordinary whole number.")
         return value
     if isinstance(value, float):
         if value.is_integer():
@@ -242,6 +249,8 @@ def _float(value: Any, name: str, minimum: float | None = None, maximum: float |
         raise ApiError("invalid_parameter", f"{name} must be a number.")
     try:
         number = float(value)
+    except OverflowError:
+        raise ApiError("invalid_parameter", f"{name} is far too large; send an ordinary number.") from None
     except (TypeError, ValueError):
         raise ApiError("invalid_parameter", f"{name} {str(value)[:20]!r} must be a number.") from None
     if number != number or number in (float("inf"), float("-inf")):

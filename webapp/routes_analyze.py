@@ -55,7 +55,8 @@ def analyze_upload():
             save_stream(upload.stream, raw, settings.max_upload_bytes)
             t1 = time.perf_counter()
             probed = probe_and_decode(raw, Path(folder) / "source.wav", timeout_s=settings.probe_timeout_s,
-                                      min_s=settings.min_duration_s, max_s=settings.max_duration_s)
+                                      min_s=settings.min_duration_s, max_s=settings.max_duration_s,
+                                      max_bytes=settings.max_decoded_bytes)
             raw.unlink()
             t2 = time.perf_counter()
             result = analyze_file(probed.path, probed.frames, probed.sample_rate)

@@ -2,10 +2,12 @@
 
 `GET /` is the page for a browser (webapp/routes_page.py) and this JSON for everyone else; the
 JSON also carries what the page needs: track captions, limits, the auth mode and the model.
+
+Both are open (no API key), so they say what a load balancer or a person needs and nothing of
+the host's insides: no paths, no interpreter, no internal URLs, no process ids.
 """
 from __future__ import annotations
 
-import os
 import time
 
 from flask import Blueprint, jsonify
@@ -15,7 +17,7 @@ from webapp.audio_probe import tools_available
 from webapp.captions import DEFAULT_CAPTIONS
 from webapp.lego_params import BPM_RANGE, OUTPUT_FORMATS, TRACKS
 from webapp.routes_page import page_response, wants_html
-from webapp.service import current_service, runner_command
+from webapp.service import current_service
 
 bp = Blueprint("health", __name__)
 
@@ -33,18 +35,20 @@ def health():
         problems.append("GPU token service unreachable")
     if not jobs["accepting"]:
         problems.append("shutting down")
+    if jobs["releases_pending"]:
+        problems.append(f"{jobs['releases_pending']} GPU token release(s) not yet confirmed by the token service")
+    checkpoints = {k: v for k, v in ckpt.as_dict().items() if k != "path"}
     body = {
         "success": True,
         "status": "ok" if not problems else "degraded",
         "problems": problems,
-        "service": {"name": "acestep-stem-service", "version": __version__, "pid": os.getpid(),
+        "service": {"name": "acestep-stem-service", "version": __version__,
                     "uptime_s": round(time.time() - service.started_at, 1)},
         "model": ckpt.weights,
-        "checkpoints": ckpt.as_dict(),
+        "checkpoints": checkpoints,
         "gpu_tokens": tokens,
         "jobs": jobs,
-        "runner": {"command": runner_command(service.settings)[:3],
-                   "holding_gpu": jobs["runner_pid"] is not None or jobs["warm"]["loaded"],
+        "runner": {"holding_gpu": service.jobs.runner.holding_gpu(),
                    "keep_warm_s": service.settings.keep_warm_s, "prestart": service.settings.runner_prestart},
         "audio_tools": "ffmpeg" if tools_available() else "soundfile",
     }

@@ -1,16 +1,18 @@
 """`POST /lego` (multipart and JSON), `GET /lego/status/<id>`, `GET /lego/<id>/audio`, `DELETE /lego/<id>`.
 
-Both protocols build the same job: check the fields, stage the upload, prove it is audio, then
-queue. The multipart call waits for the result unless `async=1`; while it waits it watches the
-client's socket and cancels the job when the client goes away (see `client_disconnected`).
+Both protocols build the same job: check the fields, stage the upload, prove it is audio, write
+the job's record, then queue. The JSON body is streamed (webapp/json_body.py): its base64 audio
+reaches the disk without being held in memory. The multipart call waits for the result unless
+`async=1`; while it waits it watches the client's socket and cancels the job when the client is
+gone (webapp/client_watch.py; a half-closed client that still reads gets its answer).
 """
 from __future__ import annotations
 
 import base64
 import json
 import logging
+import re
 import secrets
-import socket
 import time
 from typing import Callable
 
@@ -18,17 +20,21 @@ from flask import Blueprint, Response, g, jsonify, request, send_file
 
 from webapp import lego_params
 from webapp.audio_probe import check_claimed_duration, probe_and_decode
+from webapp.client_watch import ClientWatch
+from webapp.durable import is_storage_full
 from webapp.errors import ApiError
-from webapp.jobs import CANCELLED, COMPLETED, FAILED, QUEUED, Job
+from webapp.job_state import Job, JobState
+from webapp.json_body import read_json_body
 from webapp.logs import event
 from webapp.service import current_service
-from webapp.uploads import TASK_ID_RE, JobFiles, save_base64, save_stream
+from webapp.uploads import TASK_ID_RE, JobFiles, save_stream
 
 log = logging.getLogger("acestep.webapp.lego")
 bp = Blueprint("lego", __name__)
 
 DISCONNECT_POLL_S = 0.5
 _TRUE = ("1", "true", "yes", "on")
+_INDEX_RE = re.compile(r"^[0-9]{1,3}$")
 
 
 @bp.post("/lego")
@@ -53,7 +59,9 @@ def _submit_multipart():
     params = lego_params.from_form(request.form, service.settings, request.headers.get("Accept", ""))
     want_async = (request.form.get("async") or request.args.get("async") or "").strip().lower() in _TRUE
     limit = service.settings.max_upload_bytes
-    job = _create_job(lambda dest: save_stream(upload.stream, dest, limit), params, "multipart", parse_s)
+    files = _new_files()
+    job = _create_job(files, lambda dest: save_stream(upload.stream, dest, limit), lambda: params, "multipart", parse_s,
+                      client_waits=not want_async)
     if want_async:
         return _accepted(job, status=202)
     return _wait_and_answer(job)
@@ -61,96 +69,98 @@ def _submit_multipart():
 
 def _submit_json():
     service = current_service()
+    settings = service.settings
+    files = _new_files()
+    body = None
     t0 = time.perf_counter()
-    raw = request.get_data(cache=False)  # bounded by MAX_CONTENT_LENGTH before reading
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError("malformed_json", "The request body is not valid JSON; send one JSON object.") from None
-    del raw
-    parse_s = time.perf_counter() - t0
-    if not isinstance(body, dict):
-        raise ApiError("malformed_json", "The request body must be a JSON object.")
-    audio = body.get("audio_data")
-    if audio is None or audio == "":
-        raise ApiError("missing_audio", "No audio was sent: put the source file base64-encoded in `audio_data`.")
-    params = lego_params.from_json(body, service.settings)
-    job = _create_job(lambda dest: save_base64(audio, dest), params, "json", parse_s)
+
+    def write_upload(dest):
+        nonlocal body
+        body = read_json_body(request.stream, dest, settings.max_upload_bytes, settings.max_field_bytes)
+        if not body.audio_streamed:
+            audio = body.fields.get("audio_data")
+            if audio is None or audio == "":
+                raise ApiError("missing_audio", "No audio was sent: put the source file base64-encoded in `audio_data`.")
+            raise ApiError("invalid_base64", "`audio_data` must be a base64 string.")
+        if body.audio_bytes == 0:
+            raise ApiError("missing_audio", "No audio was sent: put the source file base64-encoded in `audio_data`.")
+
+    job = _create_job(files, write_upload, lambda: lego_params.from_json(body.fields, settings), "json",
+                      None, parse_started=t0)
     return _accepted(job, status=200)
 
 
-def _create_job(write_upload: Callable, params: lego_params.LegoParams, protocol: str, parse_s: float) -> Job:
-    """Stage the upload, prove it is audio, queue it; on any failure nothing stays on disk."""
+def _new_files() -> JobFiles:
+    """A fresh job folder (staging), once the queue has room: nothing is read before that."""
     service = current_service()
-    settings = service.settings
     if not service.jobs.has_room():
         service.jobs.raise_queue_full()
-    task_id = secrets.token_hex(16)
-    files = JobFiles(settings.data_dir, task_id)
+    return JobFiles(service.settings.data_dir, secrets.token_hex(16))
+
+
+def _create_job(files: JobFiles, write_upload: Callable, make_params: Callable, protocol: str, parse_s: float | None,
+                client_waits: bool = False, parse_started: float | None = None) -> Job:
+    """Stage the upload, prove it is audio, record the job, queue it; on any failure nothing stays on disk."""
+    service = current_service()
+    settings = service.settings
     staging = files.begin()
     try:
         t0 = time.perf_counter()
         raw = staging / "upload.bin"
-        write_upload(raw)
-        t1 = time.perf_counter()
-        probed = probe_and_decode(raw, staging / "source.wav", timeout_s=settings.probe_timeout_s,
-                                  min_s=settings.min_duration_s, max_s=settings.max_duration_s)
-        raw.unlink()
-        check_claimed_duration(params.claimed_duration_s, probed)
-        params.check_against_duration(probed.duration_s)
-        (staging / "out.partial").mkdir()
-        files.commit()
-        job = Job(id=task_id, params=params, files=files, duration_s=probed.duration_s,
-                  sample_rate=probed.sample_rate, protocol=protocol)
-        job.timings.update(parse_s=parse_s, stage_upload_s=t1 - t0, probe_s=time.perf_counter() - t1, **probed.timings)
+        try:
+            write_upload(raw)
+            t1 = time.perf_counter()
+            if parse_s is None:
+                parse_s = t1 - (parse_started or t0)
+            params = make_params()
+            probed = probe_and_decode(raw, staging / "source.wav", timeout_s=settings.probe_timeout_s,
+                                      min_s=settings.min_duration_s, max_s=settings.max_duration_s,
+                                      max_bytes=settings.max_decoded_bytes)
+            raw.unlink()
+            check_claimed_duration(params.claimed_duration_s, probed)
+            params.check_against_duration(probed.duration_s)
+            (staging / "out.partial").mkdir()
+            job = Job(id=files.task_id, params=params, files=files, duration_s=probed.duration_s,
+                      sample_rate=probed.sample_rate, protocol=protocol, client_waits=client_waits)
+            job.timings.update(parse_s=parse_s, stage_upload_s=t1 - t0, probe_s=time.perf_counter() - t1, **probed.timings)
+            service.jobs.store.save(job, folder=staging)  # the record is in the folder before it exists
+            files.commit()
+        except OSError as exc:
+            if is_storage_full(exc):
+                raise ApiError("storage_full") from None
+            raise
         service.jobs.submit(job)
     except BaseException as exc:
         files.discard()
         if isinstance(exc, ApiError):
             event(log, "upload_rejected", error_code=exc.code, protocol=protocol)
         raise
-    g.task_id = task_id
+    g.task_id = files.task_id
     return job
 
 
 def _accepted(job: Job, status: int):
     jobs = current_service().jobs
     body = {"success": True, "task_id": job.id, "status": "queued", "status_url": f"/lego/status/{job.id}",
-            "position": jobs.position(job), "estimated_seconds": jobs.estimated_wait_s(job), "warnings": job.params.warnings}
+            "position": jobs.position(job), "estimated_seconds": jobs.estimated_wait_s(job), "seed": job.params.seed,
+            "warnings": job.params.warnings}
     resp = jsonify(body)
     resp.status_code = status
     return resp
 
 
-def client_disconnected(environ: dict) -> bool:
-    """Has the HTTP client closed its connection? Peeks the socket gunicorn (or werkzeug) exposes.
-
-    A closed TCP connection reads as end-of-file (b"") without consuming anything; no data yet
-    means the client is still there. Without a raw socket (TLS, test client) this says False.
-    """
-    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
-    if sock is None:
-        return False
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except (ConnectionError, TimeoutError):
-        return True
-    except (OSError, ValueError, TypeError):
-        return False
-
-
 def _wait_and_answer(job: Job):
     service = current_service()
-    environ = request.environ
+    client = ClientWatch(request.environ)
     while not job.done.wait(DISCONNECT_POLL_S):
-        if client_disconnected(environ):
-            event(log, "client_disconnected", job_id=job.id)
+        if client.gone():
+            event(log, "client_disconnected", job_id=job.id, probes=client.probes)
             service.jobs.cancel(job.id, "client disconnected")
             job.done.wait(service.settings.runner_kill_grace_s + 10)
-            return Response(status=499)  # nobody reads it; gunicorn logs it
-    if job.state == COMPLETED:
+            resp = ApiError("job_cancelled", "The job was cancelled: the client disconnected.", status=499).response()
+            resp.status = "499 Client Closed Request"  # nobody reads it; the log shows it
+            return resp
+    if job.state is JobState.COMPLETED:
         return _send_output(job, 0, as_attachment=False)
     resp = job.error.response() if job.error else ApiError("internal_error").response()
     resp.headers["X-Task-Id"] = job.id
@@ -186,7 +196,7 @@ def _job_or_error(task_id: str) -> Job:
 def lego_status(task_id: str):
     job = _job_or_error(task_id)
     body = status_body(job)
-    if job.state == COMPLETED:
+    if job.state is JobState.COMPLETED:
         return _json_with_audio(body, job.outputs[0])
     return jsonify(body)
 
@@ -204,7 +214,7 @@ def status_body(job: Job) -> dict:
     """The shapes the gary4juce plugin reads (DESIGN.md section 5)."""
     jobs = current_service().jobs
     state = job.state
-    if state == QUEUED:
+    if state in (JobState.QUEUED, JobState.WAITING_FOR_GPU):
         position = jobs.position(job)
         message = job.gpu_message if job.gpu_wait and job.gpu_message else (
             f"queued: {position - 1} job(s) ahead" if position > 1 else "queued: next in line")
@@ -213,7 +223,7 @@ def status_body(job: Job) -> dict:
                 "queue_status": {"status": "queued", "message": message, "position": max(position, 1),
                                  "estimated_seconds": jobs.estimated_wait_s(job)},
                 "warnings": job.params.warnings}
-    if state == COMPLETED:
+    if state is JobState.COMPLETED:
         # `audio_data` (base64 of the first candidate) is added by `_json_with_audio`.
         return {"success": True, "task_id": job.id, "generation_in_progress": False, "transform_in_progress": False,
                 "status": "completed", "progress": 100,
@@ -222,9 +232,9 @@ def status_body(job: Job) -> dict:
                 "track_type": job.params.track, "candidates": len(job.outputs),
                 "audio_urls": [f"/lego/{job.id}/audio?index={i}" for i in range(len(job.outputs))],
                 "warnings": job.params.warnings}
-    if state in (FAILED, CANCELLED):
+    if state in (JobState.FAILED, JobState.CANCELLED):
         err = job.error or ApiError("internal_error")
-        return {**err.body(), "task_id": job.id, "status": "failed", "state": state,
+        return {**err.body(), "task_id": job.id, "status": "failed", "state": state.value,
                 "generation_in_progress": False, "transform_in_progress": False}
     # running
     stage = job.stage or "starting"
@@ -242,13 +252,13 @@ def status_body(job: Job) -> dict:
 @bp.get("/lego/<task_id>/audio")
 def lego_audio(task_id: str):
     job = _job_or_error(task_id)
-    if job.state != COMPLETED:
+    if job.state is not JobState.COMPLETED:
         if job.finished:
-            raise ApiError("task_not_completed", f"The task has no result: it {job.state}"
+            raise ApiError("task_not_completed", f"The task has no result: it {job.state.value}"
                                                  f" ({job.error.code if job.error else 'unknown'}).", retryable=False)
         raise ApiError("task_not_completed")
     raw_index = request.args.get("index", "0")
-    if not raw_index.isdigit() or int(raw_index) >= len(job.outputs):
+    if not _INDEX_RE.match(raw_index) or int(raw_index) >= len(job.outputs):
         raise ApiError("invalid_parameter", f"index must be between 0 and {len(job.outputs) - 1}.")
     return _send_output(job, int(raw_index), as_attachment=True)
 

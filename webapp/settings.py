@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
+from runner.contract import STEPS_RANGE
+
+FIELD_LIMIT_BYTES = 256 * 1024  # one text field (multipart) or one JSON value other than the audio
+FLOAT32_STEREO_48K_BYTES_PER_S = 48000 * 2 * 4
+
 
 class SettingsError(ValueError):
     """A setting is invalid; the message is one sentence that says which and what to do."""
@@ -115,7 +120,8 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("QUEUE_URL", "url", "",
             "gpu-queue-service base URL, e.g. `http://gpu-queue:8085/`; unset = the host-wide lock file `GPU_LOCK_FILE`.",
             choices=("http", "https")),
-    Setting("QUEUE_LANE", "str", "acestep", "Lane name in the gpu-queue-service's paths (`{QUEUE_URL}{lane}/tasks`)."),
+    Setting("QUEUE_LANE", "str", "",
+            "Lane prefix in the gpu-queue-service's paths for a lane-mode deployment (`{QUEUE_URL}{lane}/tasks`); unset = the token-mode paths every caller uses (`{QUEUE_URL}tasks`)."),
     Setting("QUEUE_TOKENS", "int", "6000", "GPU tokens one generation takes from the shared pool (13,000 = the whole T4).", 1, 1_000_000),
     Setting("QUEUE_WAIT_TIMEOUT_S", "float", "600",
             "Longest wait for GPU tokens (or the lock file) before a job fails with `gpu_busy` (retryable).", 1),
@@ -129,12 +135,14 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("MAX_UPLOAD_MB", "float", "100", "Largest request body in MB (base64 JSON included), refused before it is read.", 0.01, 4096),
     Setting("MAX_DURATION_S", "float", "240", "Longest source audio accepted, in seconds.", 1, 3600),
     Setting("MIN_DURATION_S", "float", "1", "Shortest source audio accepted, in seconds.", 0.01, 3600),
+    Setting("MAX_DECODED_MB", "float", "200",
+            "Largest decoded source in MB (sample rate x channels x duration as 32-bit float), refused before decoding; must hold `MAX_DURATION_S` of 48 kHz stereo.", 1, 16384),
     Setting("JOB_TIMEOUT_S", "float", "600",
             "Longest a runner may run (from its start, GPU wait excluded); then its process group is killed and the job fails `job_timeout`.", 1),
     Setting("MAX_QUEUED_JOBS", "int", "8", "Jobs that may wait behind the running one; more answer 429 with `Retry-After`.", 0, 10_000),
-    Setting("LEGO_STEPS", "int", "50", "Inference steps when the client sends none.", 1, 1000),
-    Setting("LEGO_MIN_STEPS", "int", "20", "Smallest `inference_steps` honoured; smaller requests are raised to it (with a warning).", 1, 1000),
-    Setting("LEGO_MAX_STEPS", "int", "100", "Largest `inference_steps` honoured; larger requests are lowered to it (with a warning).", 1, 1000),
+    Setting("LEGO_STEPS", "int", "50", "Inference steps when the client sends none.", *STEPS_RANGE),
+    Setting("LEGO_MIN_STEPS", "int", "20", "Smallest `inference_steps` honoured; smaller requests are raised to it (with a warning).", *STEPS_RANGE),
+    Setting("LEGO_MAX_STEPS", "int", "100", "Largest `inference_steps` honoured; larger requests are lowered to it (with a warning); at most the runner's limit.", *STEPS_RANGE),
     Setting("RESULT_TTL_S", "float", "3600", "How long finished jobs and their files are kept before they are deleted.", 1),
     Setting("RUNNER_COMMAND", "command", "",
             "Command that starts the runner (arguments split like a shell, no shell run); unset = this Python's `-m runner`."),
@@ -144,7 +152,7 @@ REGISTRY: tuple[Setting, ...] = (
             "Seconds a loaded model may stay warm after a job for the next one, keeping its GPU tokens; 0 = every runner exits after its job (zero idle VRAM).", 0),
     Setting("RUNNER_PRESTART", "bool", "true",
             "Start the next runner ahead of time: it imports torch and diffusers but touches no GPU (no VRAM, no tokens) until a job is handed to it."),
-    Setting("REDIS_URL", "url", "", "Reserved for the multi-host RQ job queue (DESIGN.md section 7), which is not built yet: jobs always use the in-process queue, and the service warns at start when this is set.",
+    Setting("REDIS_URL", "url", "", "Reserved for the multi-host RQ job queue, which is not built yet: jobs always use the in-process queue, and the service warns at start when this is set.",
             choices=("redis", "rediss", "unix")),
     Setting("WEB_THREADS", "int", "16", "gunicorn threads of the one worker (each waiting synchronous call holds one).", 2, 256),
     Setting("LOG_FORMAT", "choice", "text", "`text` for people, `json` for one JSON object per line.", choices=("text", "json")),
@@ -185,10 +193,31 @@ class Settings:
         return int(self.max_upload_mb * 1024 * 1024)
 
     @property
+    def max_decoded_bytes(self) -> int:
+        return int(self.max_decoded_mb * 1024 * 1024)
+
+    @property
+    def max_field_bytes(self) -> int:
+        return FIELD_LIMIT_BYTES
+
+    @property
     def queue_base_url(self) -> str:
-        """QUEUE_URL + lane + '/', the prefix of every token call."""
+        """The prefix of every token call: QUEUE_URL, plus `lane/` where a lane is set."""
         base = self.queue_url if self.queue_url.endswith("/") else self.queue_url + "/"
-        return f"{base}{self.queue_lane.strip('/')}/"
+        lane = self.queue_lane.strip("/")
+        return f"{base}{lane}/" if lane else base
+
+    @property
+    def release_budget_s(self) -> float:
+        """The longest one inline release may take (its retries, webapp/gpu_tokens.py, included)."""
+        return 3 * self.queue_http_timeout_s + 4.0 if self.queue_url else 1.0
+
+    @property
+    def shutdown_budget_s(self) -> float:
+        """What a shutdown needs at worst: a runner that ignores SIGTERM (grace, then SIGKILL), the
+        spare's stop beside it, one release. gunicorn's graceful_timeout is derived from it, so
+        no RUNNER_KILL_GRACE_S can outlast the shutdown and orphan its runner."""
+        return 2 * self.runner_kill_grace_s + self.release_budget_s + 5.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, check_filesystem: bool = True) -> "Settings":
@@ -213,7 +242,12 @@ class Settings:
                 f"LEGO_MAX_STEPS={self.lego_max_steps}; change one of the three.")
         if self.min_duration_s > self.max_duration_s:
             raise SettingsError(f"MIN_DURATION_S={self.min_duration_s} is above MAX_DURATION_S={self.max_duration_s}; lower it.")
-        if not _LANE_RE.match(self.queue_lane):
+        needed = self.max_duration_s * FLOAT32_STEREO_48K_BYTES_PER_S / (1024 * 1024)
+        if self.max_decoded_mb < needed:
+            raise SettingsError(
+                f"MAX_DECODED_MB={self.max_decoded_mb:g} cannot hold MAX_DURATION_S={self.max_duration_s:g} s of 48 kHz stereo "
+                f"({needed:.0f} MB decoded); raise it to at least {int(needed) + 1} or lower MAX_DURATION_S.")
+        if self.queue_lane and not _LANE_RE.match(self.queue_lane):
             raise SettingsError(f"QUEUE_LANE={self.queue_lane!r} may hold only letters, digits, '_', '-', '.' and '/'; fix it.")
         if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,128}", self.acestep_config_path):
             raise SettingsError(f"ACESTEP_CONFIG_PATH={self.acestep_config_path!r} must be a plain folder name such as acestep-v15-base.")

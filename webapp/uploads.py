@@ -4,14 +4,14 @@
   `DATA_DIR/tmp` (unlinked at creation, so a crash leaves nothing); the body size limit
   (`MAX_CONTENT_LENGTH` = MAX_UPLOAD_MB) is enforced by werkzeug before and while reading.
 - `JobFiles` is a job's folder: it is built as `<id>.staging/` and renamed to `<id>/` only once
-  the upload is proven to be audio, and removed entirely when anything fails before that.
+  the upload is proven to be audio and the job's record is written in it, and removed entirely
+  when anything fails before that. A restart removes staging folders (never acknowledged).
+- The JSON protocol's base64 body is streamed to disk by webapp/json_body.py.
 - File names are chosen by the server (`source.wav`, `upload.bin`); the client's file name is
   never used in a path.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import re
 import shutil
@@ -21,6 +21,7 @@ from typing import IO
 
 from flask import Request, current_app
 
+from webapp.durable import sync_folder
 from webapp.errors import ApiError
 
 TASK_ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -78,6 +79,7 @@ class JobFiles:
     def commit(self) -> None:
         """The upload is proven audio: the staging folder becomes the job's folder, atomically."""
         os.replace(self.staging, self.dir)
+        sync_folder(self.root)
 
     def discard(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -100,43 +102,3 @@ def save_stream(stream: IO[bytes], dest: Path, limit: int) -> int:
                 raise ApiError("upload_too_large")
             out.write(chunk)
     return size
-
-
-_DATA_URI_RE = re.compile(r"^data:[\w.+/-]*;base64,", re.IGNORECASE)
-
-
-def save_base64(text: object, dest: Path) -> int:
-    """Decode the JSON protocol's base64 `audio_data` to dest. Returns the size in bytes."""
-    if not isinstance(text, str):
-        raise ApiError("invalid_base64", "`audio_data` must be a base64 string.")
-    text = _DATA_URI_RE.sub("", text[:100], count=1) + text[100:] if text.startswith("data:") else text
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        compact = re.sub(r"\s+", "", text)
-        try:
-            raw = base64.b64decode(compact, validate=True) if compact != text else None
-        except (binascii.Error, ValueError):
-            raw = None
-        if raw is None:
-            raise ApiError("invalid_base64") from None
-    if not raw:
-        raise ApiError("empty_audio")
-    with open(dest, "wb") as out:
-        out.write(raw)
-    return len(raw)
-
-
-def clean_leftovers(data_dir: Path) -> int:
-    """At start: job folders of a previous process cannot be served (jobs live in memory); remove them."""
-    removed = 0
-    for root in (jobs_root(data_dir), tmp_root(data_dir)):
-        if not root.is_dir():
-            continue
-        for entry in root.iterdir():
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed += 1
-    return removed

@@ -7,10 +7,14 @@ that the real runner cannot be made to hit on demand. Its own options come befor
 
 Like the real runner it says `{"event": "ready"}` at start and after each job, reads jobs as JSON
 lines on stdin, exits after one job when the idle timeout is 0, and at end of input.
+Like the real runner (runner/serve.py) it watches for the service's end with runner/lifeline.py:
+the parent-death signal and stdin closing during a job both become SIGTERM.
 Modes: ok, fail (a generation error, status 4), badinput (2), nockpt (3), crash (SIGKILL itself
-mid-job), hang (runs until SIGTERM, then exits 5), stubborn (ignores SIGTERM; needs SIGKILL),
-noresult (the process exits 0 without answering), junk (a non-JSON line on stdout, then a
-normal result). `--record FILE` appends {"pid","spawn"} at start, {"pid","start","argv"} when a
+mid-job), hang (runs until SIGTERM, then exits 5), stubborn (ignores SIGTERM, so also the
+service's end: needs SIGKILL), noresult (the process exits 0 without answering), junk (a non-JSON
+line on stdout, then a normal result), chatty (writes --chatty-kb of stderr per step, for a
+disk that fills up). `--once FILE`: MODE applies only to the first job (across processes; FILE marks it), later jobs run
+ok, as a fault that does not repeat after a restart. `--record FILE` appends {"pid","spawn"} at start, {"pid","start","argv"} when a
 job arrives (with its `args`) and {"pid","exit","code"} when the process ends normally.
 The "ok" output is the source itself, in the requested format, same rate and frame count.
 """
@@ -24,6 +28,9 @@ import time
 
 import soundfile as sf
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from runner import lifeline  # noqa: E402 - the real runner's watches, not a copy
+
 FORMATS = {"wav": ("WAV", "FLOAT"), "flac": ("FLAC", "PCM_24"), "mp3": ("MP3", "MPEG_LAYER_III")}
 STATUS = {"badinput": (2, "bad_arguments", "The runner refused the arguments.", False),
           "nockpt": (3, "checkpoint_missing", "The checkpoint folder is incomplete.", False),
@@ -34,9 +41,15 @@ class Cancelled(Exception):
     pass
 
 
+WATCH = None  # runner/lifeline.py's watch, once installed
+
+
 def emit(**event):
-    sys.stdout.write(json.dumps(event) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        pass  # the service is gone: nobody reads the events any more
 
 
 def record(path, **fields):
@@ -63,14 +76,21 @@ def run_job(opts, args, cancelled):
         if cancelled["flag"]:
             raise Cancelled()
         time.sleep(opts.step_s)
+        if opts.mode == "chatty":
+            sys.stderr.write(("x" * 1023 + "\n") * opts.chatty_kb)
+            sys.stderr.flush()
         emit(event="progress", step=round(i * total / shown), total=total)
         if opts.mode == "crash" and i == 2:
             os.kill(os.getpid(), signal.SIGKILL)
         if opts.mode == "fail" and i == 2:
             return error(*STATUS["fail"])
+    noted = False
     while opts.mode in ("hang", "stubborn"):
         if cancelled["flag"]:
             raise Cancelled()
+        if WATCH is not None and WATCH.fired and not noted:  # a stubborn runner saw its service go, and stays
+            record(opts.record, noticed=WATCH.fired, at=time.time())
+            noted = True
         time.sleep(0.05)
     emit(event="stage", stage="decoding")
     if opts.mode == "noresult":
@@ -97,6 +117,8 @@ def main(argv):
     own.add_argument("--step-s", type=float, default=0.01)
     own.add_argument("--steps-shown", type=int, default=5)
     own.add_argument("--record")
+    own.add_argument("--chatty-kb", type=int, default=256)
+    own.add_argument("--once", help="a marker file: MODE applies to the first job that finds it absent, later jobs run ok")
     split = argv.index("serve")
     opts = own.parse_args(argv[:split])
     serve = argparse.ArgumentParser()
@@ -108,8 +130,13 @@ def main(argv):
 
     def on_term(_sig, _frame):
         cancelled["flag"] = True
+        if not cancelled.get("in_job"):  # like the real runner: SIGTERM between jobs ends it at once
+            record(opts.record, exit=time.time(), code=5)
+            os._exit(5)
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN if opts.mode == "stubborn" else on_term)
+    global WATCH
+    watch = WATCH = lifeline.install()
     emit(event="ready", loaded=False)
     jobs = 0
     while not (jobs and idle == 0):
@@ -123,14 +150,24 @@ def main(argv):
             break
         args = message["args"]
         jobs += 1
+        if opts.once:
+            try:
+                os.close(os.open(opts.once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # the first job: MODE
+            except FileExistsError:
+                opts.mode = "ok"
+                signal.signal(signal.SIGTERM, on_term)
         record(opts.record, start=time.time(), args=args, argv=[f"{k}={v}" for k, v in args.items()])
         print(f"[fake-runner] {opts.mode} {args['track']} {args['source']}", file=sys.stderr, flush=True)
+        watch.job_started()
+        cancelled["in_job"] = True
         try:
             run_job(opts, args, cancelled)
         except Cancelled:
+            record(opts.record, exit=time.time(), code=5, why=watch.fired)
             error(5, "cancelled", "The job was cancelled; nothing was written.", True)
-            record(opts.record, exit=time.time(), code=5)
-            return 5
+            os._exit(5)  # as the real runner leaves: stdout may be a broken pipe by now
+        watch.job_ended()
+        cancelled["in_job"] = False
         emit(event="ready", loaded=True)
     record(opts.record, exit=time.time(), code=0)
     return 0

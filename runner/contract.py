@@ -1,0 +1,150 @@
+"""The runner's contract with the web service, defined once and imported by both sides.
+
+Everything the two processes must agree on lives here and nowhere else: the command line that
+starts a keep-warm runner, the job lines it reads on stdin, the events it writes on stdout, its
+stages, its exit statuses and the limits it enforces. The module is standard library only (no
+torch, no numpy), so the web service imports it without pulling in the runner; cog's
+`eventtypes.py` is the model. A change here is a change of the protocol, seen by both sides at
+once, and tests/test_runner_contract.py feeds the web side's job line to the runner's parser.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import math
+from typing import Any
+
+# ---- the command line ---------------------------------------------------------------------------
+
+SERVE_COMMAND = "serve"  # `python -m runner serve --idle-timeout S`: the only way the service runs it
+IDLE_TIMEOUT_FLAG = "--idle-timeout"
+
+
+def serve_argv(prefix: list[str], idle_timeout_s: float) -> list[str]:
+    """The full command of a keep-warm runner: RUNNER_COMMAND (or `python -m runner`) + serve."""
+    return [*prefix, SERVE_COMMAND, IDLE_TIMEOUT_FLAG, f"{max(0.0, idle_timeout_s):g}"]
+
+
+# ---- job lines (stdin) ----------------------------------------------------------------------------
+
+class JobCommand(str, enum.Enum):
+    LEGO = "lego"
+    EXIT = "exit"
+
+
+# Every field a lego job line may carry; the runner's LegoArgs has exactly these (a test checks).
+JOB_FIELDS = ("source", "track", "bpm", "key", "caption", "steps", "batch_size", "seed", "repaint_start",
+              "repaint_end", "guidance_scale", "time_signature", "checkpoints", "out", "format", "device",
+              "dtype", "offload", "engine", "max_duration_s")
+REQUIRED_JOB_FIELDS = ("source", "track", "bpm")
+PATH_FIELDS = frozenset({"source", "checkpoints", "out"})
+MAX_JOB_LINE_BYTES = 64 * 1024
+
+
+class ContractError(ValueError):
+    """A line that breaks the protocol (either direction); the message says what is wrong."""
+
+
+def encode_job(args: dict[str, Any]) -> bytes:
+    """One lego job line, checked against the field list before it is sent."""
+    unknown = set(args) - set(JOB_FIELDS)
+    if unknown:
+        raise ContractError(f"unknown job fields: {', '.join(sorted(unknown))}")
+    missing = [name for name in REQUIRED_JOB_FIELDS if args.get(name) in (None, "")]
+    if missing:
+        raise ContractError(f"missing job fields: {', '.join(missing)}")
+    line = json.dumps({"command": JobCommand.LEGO.value, "args": args}, separators=(",", ":"), allow_nan=False)
+    data = (line + "\n").encode()
+    if len(data) > MAX_JOB_LINE_BYTES:
+        raise ContractError(f"a job line is limited to {MAX_JOB_LINE_BYTES} bytes")
+    return data
+
+
+def encode_exit() -> bytes:
+    return (json.dumps({"command": JobCommand.EXIT.value}) + "\n").encode()
+
+
+def decode_job_line(line: str) -> tuple[JobCommand, dict[str, Any]]:
+    """(command, args) of one stdin line; ContractError for anything else."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        raise ContractError("A job line must be one JSON object.") from None
+    if not isinstance(message, dict):
+        raise ContractError("A job line must be one JSON object.")
+    try:
+        command = JobCommand(message.get("command"))
+    except ValueError:
+        raise ContractError('A job line needs "command": "lego" or "exit".') from None
+    if command is JobCommand.EXIT:
+        return command, {}
+    args = message.get("args") or {}
+    if not isinstance(args, dict):
+        raise ContractError('A job line\'s "args" must be an object.')
+    unknown = set(args) - set(JOB_FIELDS)
+    if unknown:
+        raise ContractError(f"Unknown job fields: {', '.join(sorted(unknown))}.")
+    return command, args
+
+
+# ---- events (stdout) ----------------------------------------------------------------------------
+
+class EventType(str, enum.Enum):
+    READY = "ready"            # at start ({"loaded": false}) and after each job ({"loaded": bool})
+    STAGE = "stage"            # {"stage": one of Stage}
+    PROGRESS = "progress"      # {"step": k, "total": n}
+    RESULT = "result"          # {"outputs": [{"path", "sample_rate", "frames", ...}], "seed", "timings", ...}
+    ERROR = "error"            # {"code", "message", "retryable", "exit_status"}
+    CHECKPOINT = "checkpoint"  # make-tiny-checkpoint
+    DOWNLOAD = "download"      # download: started
+    DOWNLOADED = "downloaded"  # download: done
+    CHECK = "check"            # check: what a checkpoint folder is
+
+
+class Stage(str, enum.Enum):
+    LOADING = "loading"
+    ENCODING = "encoding"
+    GENERATING = "generating"
+    DECODING = "decoding"
+    WRITING = "writing"
+
+
+STAGES = tuple(s.value for s in Stage)
+
+
+def decode_event(line: str) -> dict[str, Any]:
+    """One stdout line as an event object; ContractError when it is not one."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        raise ContractError("not JSON") from None
+    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+        raise ContractError("not an event object")
+    return event
+
+
+# ---- exit statuses ---------------------------------------------------------------------------------
+
+class ExitStatus(enum.IntEnum):
+    OK = 0
+    BAD_INPUT = 2      # bad input or usage; never retryable
+    CHECKPOINT = 3     # checkpoints missing or unloadable
+    GENERATION = 4     # generation failed (out of memory, NaN...)
+    CANCELLED = 5      # SIGTERM (or the service went away): stopped at once, nothing written
+
+
+# ---- limits the runner enforces (the service checks its settings against them) ----------------------
+
+TRACKS = ("vocals", "backing_vocals", "drums")
+BPM_RANGE = (30, 300)
+STEPS_RANGE = (1, 200)
+BATCH_SIZES = (1, 2)
+GUIDANCE_RANGE = (1.0, 30.0)
+MAX_CAPTION_CHARS = 1000
+OUTPUT_FORMATS = ("wav", "flac", "mp3")
+MP3_MAX_SAMPLE_RATE = 48000
+DEFAULT_MAX_DURATION_S = 600.0
+
+
+def finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
