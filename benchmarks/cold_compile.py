@@ -41,9 +41,11 @@ def first_forward(ckpt: Path, dtype_name: str, device: str, names: tuple, t4: bo
         forward(tr, kwargs)
         sync(device)
         second = time.perf_counter()
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import compile_times, counters
 
-    return {"names": list(names), "load_s": round(loaded - t0, 2), "first_call_s": round(first - loaded, 3),
+    phases = compile_times(repr="csv", aggregate=True)  # (names, seconds) of Dynamo/Inductor's phases
+    return {"phases_s": {n: round(float(t), 3) for n, t in zip(*phases) if float(t) >= 0.05},
+            "compile_threads": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS"),"names": list(names), "load_s": round(loaded - t0, 2), "first_call_s": round(first - loaded, 3),
             "second_call_s": round(second - first, 3),
             "cache": {k: dict(v) for k, v in counters.items() if k in ("inductor", "aot_autograd", "dynamo_cache")}}
 
@@ -52,14 +54,17 @@ def fresh_processes(ckpt: Path, args, emit) -> None:
     """A new process's first compiled forward with the cache warm (filled above), against eager."""
     for dtype_name in args.dtypes:
         t4 = dtype_name == "float16" and args.device == "cuda"
-        for name in ("eager", args.variants[-1]):
+        for name, threads in (("eager", None), (args.fresh_variant, None), (args.fresh_variant, "1")):
             code = (f"import json,sys; sys.path.insert(0, {str(REPO)!r}); from pathlib import Path; "
                     f"from benchmarks.cold_compile import first_forward; "
                     f"print('FRESH', json.dumps(first_forward(Path({str(ckpt)!r}), {dtype_name!r}, {args.device!r}, "
                     f"{VARIANTS[name]!r}, {t4!r})))")
-            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
+            env = dict(os.environ, **({"TORCHINDUCTOR_COMPILE_THREADS": threads} if threads else {}))
+            if name == "eager" and threads:
+                continue
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
             lines = [l[6:] for l in done.stdout.splitlines() if l.startswith("FRESH ")]
-            emit(f"fresh_{dtype_name}_{name}", json.loads(lines[-1]) if lines else {"error": done.stderr[-2000:]})
+            emit(f"fresh_{dtype_name}_{name}{'_threads' + threads if threads else ''}", json.loads(lines[-1]) if lines else {"error": done.stderr[-2000:]})
 
 
 def cold_runner(ckpt: Path, args, emit) -> None:
@@ -69,7 +74,7 @@ def cold_runner(ckpt: Path, args, emit) -> None:
     work = Path(args.work)
     src = wav_source(work, int(args.seconds))
     for attempt in range(args.cold_runs):
-        for setting in ("none", "default"):
+        for setting in args.cold_settings.split(";"):
             env = dict(os.environ, ACESTEP_SPEEDUPS=setting, HF_HUB_OFFLINE="1",
                        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
             t = time.perf_counter()
@@ -85,4 +90,4 @@ def cold_runner(ckpt: Path, args, emit) -> None:
                     Path(output["path"]).unlink(missing_ok=True)
             else:
                 row["error"] = (done.stdout[-500:] + done.stderr[-1500:])
-            emit(f"cold_runner_{setting}_{attempt + 1}", row)
+            emit(f"cold_runner_{setting.replace(',', '+')}_{attempt + 1}", row)

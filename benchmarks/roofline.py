@@ -47,10 +47,14 @@ class OpCosts(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if func.is_view or name in _NO_BYTES:
             return out
-        formula = flop_registry.get(func.overloadpacket)
-        flops = float(formula(*args, **kwargs, out_val=out)) if formula else 0.0
-        moved = float(sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)))
         cls = op_class(name)
+        if cls == "attention":  # torch's formula refuses grouped-query shapes: QK^T and PV, per query head
+            q, k = args[0], args[1]
+            flops = 4.0 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
+        else:
+            formula = flop_registry.get(func.overloadpacket)
+            flops = float(formula(*args, **kwargs, out_val=out)) if formula else 0.0
+        moved = float(sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)))
         self.flops[cls] += flops
         self.bytes[cls] += moved
         self.floor_inputs.append((cls, flops, moved))

@@ -18,6 +18,8 @@ which the runner reports in its result event beside the DiT's forward count and 
   graph and AOTAutograd caches live in `ACESTEP_COMPILE_CACHE`, so only the first process on a
   machine compiles; later ones, a fresh process per job, load the kernels from disk. It compiles
   the `fused` path (the stock attention processor breaks the graph), so it implies `fused`.
+- `graphs`: `compile` in Inductor's reduce-overhead mode: each block replays a CUDA graph, which
+  removes the kernel-launch gaps that leave a fast GPU idle between small kernels. Implies `compile`.
 """
 from __future__ import annotations
 
@@ -31,12 +33,13 @@ import torch
 
 from runner.events import bad_input
 
-SWITCHES = ("contiguous", "fused", "attention", "compile")
+SWITCHES = ("contiguous", "fused", "attention", "compile", "graphs")
 ENV = "ACESTEP_SPEEDUPS"
 CACHE_ENV = "ACESTEP_COMPILE_CACHE"
-# Measured defaults (docs/PERFORMANCE.md): on a CUDA GPU all three; on the CPU (tests, demo)
-# only the two that need no compiler, which keeps a CPU job's time what it was.
-DEFAULTS = {"cuda": ("contiguous", "fused", "attention", "compile"), "cpu": ("contiguous", "fused", "attention")}
+# Measured defaults (docs/PERFORMANCE.md, "Speed of the 50 steps"): the three eager switches
+# everywhere; `compile` is opt-in, because a fresh process (the runner's way: one per job) still
+# spent 13-18 s before its first compiled forward with the cache warm, more than it saves.
+DEFAULTS = {"cuda": ("contiguous", "fused", "attention"), "cpu": ("contiguous", "fused", "attention")}
 
 
 def default_cache_dir() -> Path:
@@ -56,7 +59,7 @@ def chosen(device: str, value: Optional[str] = None) -> tuple[str, ...]:
     if unknown:
         raise bad_input("bad_speedups", f"{ENV}={value!r} names {', '.join(unknown)}; give a comma list of "
                                         f"{', '.join(SWITCHES)}, or none, or default.")
-    if "attention" in names and "fused" not in names and "compile" not in names:
+    if "attention" in names and not {"fused", "compile", "graphs"} & set(names):
         raise bad_input("bad_speedups", f"{ENV}={value!r}: `attention` works through the `fused` attention processor; add fused.")
     return names
 
@@ -91,6 +94,8 @@ def apply(pipe, device: str, names: Optional[tuple[str, ...]] = None, flash: Opt
     """Install the chosen switches on `pipe.transformer` (already placed) and a forward counter.
     `flash`: whether SDPA may pick flash attention (default: a CUDA card of compute capability 8.0+)."""
     names = chosen(device) if names is None else names
+    if "graphs" in names and "compile" not in names:
+        names = names + ("compile",)
     if "compile" in names and "fused" not in names:
         names = names + ("fused",)
     if flash is None:
@@ -103,7 +108,7 @@ def apply(pipe, device: str, names: Optional[tuple[str, ...]] = None, flash: Opt
     if "fused" in names:
         _install_fused(transformer, expand_kv="attention" in names, flash=flash)
     if "compile" in names:
-        state.compile_cache = str(_compile_blocks(transformer))
+        state.compile_cache = str(_compile_blocks(transformer, graphs="graphs" in names))
     return state
 
 
@@ -173,7 +178,7 @@ class _FusedAttnProcessor:
         return attn.to_out[0](out.transpose(1, 2).flatten(2, 3))
 
 
-def _compile_blocks(transformer) -> Path:
+def _compile_blocks(transformer, graphs: bool) -> Path:
     """Regional compile with Inductor's on-disk caches in ACESTEP_COMPILE_CACHE (or ~/.cache)."""
     import torch._functorch.config
     import torch._inductor.config
@@ -184,6 +189,6 @@ def _compile_blocks(transformer) -> Path:
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True
     for block in transformer.layers:
-        block.compile(dynamic=True, fullgraph=True)
+        block.compile(dynamic=True, fullgraph=True, mode="reduce-overhead" if graphs else None)
     return cache
 
