@@ -33,8 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 VARIANTS = {"eager": (), "contiguous": ("contiguous",), "fused": ("contiguous", "fused"),
-            "attention": ("contiguous", "fused", "attention"), "compile": ("contiguous", "fused", "attention", "compile"),
-            "graphs": ("contiguous", "fused", "attention", "compile", "graphs")}
+            "attention": ("contiguous", "fused", "attention"), "compile": ("contiguous", "fused", "attention", "compile")}
 RESULTS: dict = {}
 
 

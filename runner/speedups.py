@@ -8,18 +8,18 @@ which the runner reports in its result event beside the DiT's forward count and 
 
 - `contiguous`: the residual stream leaves `proj_in` as a transposed view and stays strided
   through all 24 layers; one copy makes every later element-wise kernel read it contiguously.
-- `fused`: RMSNorm as one `F.rms_norm` kernel instead of five float32 passes, and an attention
-  processor (the native SDPA path of diffusers' own) with RoPE in two kernels instead of eight.
-- `attention`: masked (sliding-window) layers, and every layer on a card without flash attention
-  (the T4), sent grouped-query attention to SDPA's unfused math path, because `enable_gqa` admits
-  only flash or math; repeating K/V to the query heads lets them run the memory-efficient kernel.
+- `fused`: RMSNorm as one `F.rms_norm` kernel instead of six or seven passes (several in float32),
+  and an attention processor (the native SDPA path of diffusers' own) with RoPE in four kernels
+  instead of eight.
+- `attention`: where neither flash nor cuDNN attention can run (a T4, compute capability 7.5),
+  grouped-query attention fell to SDPA's unfused math path, because `enable_gqa` admits only those
+  kernels; repeating K/V to the query heads lets the memory-efficient kernel run instead.
 - `compile`: `torch.compile` of each transformer block (regional: the 24 blocks share one
   compiled graph, shapes dynamic so every source length and batch reuses it). Inductor's FX
   graph and AOTAutograd caches live in `ACESTEP_COMPILE_CACHE`, so only the first process on a
-  machine compiles; later ones, a fresh process per job, load the kernels from disk. It compiles
-  the `fused` path (the stock attention processor breaks the graph), so it implies `fused`.
-- `graphs`: `compile` in Inductor's reduce-overhead mode: each block replays a CUDA graph, which
-  removes the kernel-launch gaps that leave a fast GPU idle between small kernels. Implies `compile`.
+  machine compiles the kernels; a later one still re-traces the blocks (Dynamo, AOTAutograd)
+  before its first forward. It compiles the `fused` path (the stock attention processor breaks
+  the graph), so it implies `fused`.
 """
 from __future__ import annotations
 
@@ -33,12 +33,13 @@ import torch
 
 from runner.events import bad_input
 
-SWITCHES = ("contiguous", "fused", "attention", "compile", "graphs")
+SWITCHES = ("contiguous", "fused", "attention", "compile")
 ENV = "ACESTEP_SPEEDUPS"
 CACHE_ENV = "ACESTEP_COMPILE_CACHE"
 # Measured defaults (docs/PERFORMANCE.md, "Speed of the 50 steps"): the three eager switches
-# everywhere; `compile` is opt-in, because a fresh process (the runner's way: one per job) still
-# spent 13-18 s before its first compiled forward with the cache warm, more than it saves.
+# everywhere; `compile` is opt-in, because a fresh process (the runner's way: one per job) with
+# the cache warm still spent 8-20 s before its first compiled forward on the H200: more than the
+# compiled 50 steps save there, and than the ~5 s they are projected to save on a T4 at 120 s.
 DEFAULTS = {"cuda": ("contiguous", "fused", "attention"), "cpu": ("contiguous", "fused", "attention")}
 
 
@@ -59,7 +60,7 @@ def chosen(device: str, value: Optional[str] = None) -> tuple[str, ...]:
     if unknown:
         raise bad_input("bad_speedups", f"{ENV}={value!r} names {', '.join(unknown)}; give a comma list of "
                                         f"{', '.join(SWITCHES)}, or none, or default.")
-    if "attention" in names and not {"fused", "compile", "graphs"} & set(names):
+    if "attention" in names and not {"fused", "compile"} & set(names):
         raise bad_input("bad_speedups", f"{ENV}={value!r}: `attention` works through the `fused` attention processor; add fused.")
     return names
 
@@ -94,8 +95,6 @@ def apply(pipe, device: str, names: Optional[tuple[str, ...]] = None, flash: Opt
     """Install the chosen switches on `pipe.transformer` (already placed) and a forward counter.
     `flash`: whether SDPA may pick flash attention (default: a CUDA card of compute capability 8.0+)."""
     names = chosen(device) if names is None else names
-    if "graphs" in names and "compile" not in names:
-        names = names + ("compile",)
     if "compile" in names and "fused" not in names:
         names = names + ("fused",)
     if flash is None:
@@ -108,7 +107,7 @@ def apply(pipe, device: str, names: Optional[tuple[str, ...]] = None, flash: Opt
     if "fused" in names:
         _install_fused(transformer, expand_kv="attention" in names, flash=flash)
     if "compile" in names:
-        state.compile_cache = str(_compile_blocks(transformer, graphs="graphs" in names))
+        state.compile_cache = str(_compile_blocks(transformer))
     return state
 
 
@@ -140,7 +139,8 @@ def _rope(x, cos, sin):
 
 
 class _FusedRMSNorm(torch.nn.Module):
-    """diffusers' RMSNorm (weight, no bias) through one fused kernel; same parameters."""
+    """diffusers' RMSNorm (weight, no bias) through one fused kernel; same parameters (the class of
+    each instance is swapped, so state dicts and hooks are untouched)."""
 
     def forward(self, hidden_states):
         return _rms_norm(hidden_states, self)
@@ -178,7 +178,7 @@ class _FusedAttnProcessor:
         return attn.to_out[0](out.transpose(1, 2).flatten(2, 3))
 
 
-def _compile_blocks(transformer, graphs: bool) -> Path:
+def _compile_blocks(transformer) -> Path:
     """Regional compile with Inductor's on-disk caches in ACESTEP_COMPILE_CACHE (or ~/.cache)."""
     import torch._functorch.config
     import torch._inductor.config
@@ -189,6 +189,6 @@ def _compile_blocks(transformer, graphs: bool) -> Path:
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True
     for block in transformer.layers:
-        block.compile(dynamic=True, fullgraph=True, mode="reduce-overhead" if graphs else None)
+        block.compile(dynamic=True, fullgraph=True)
     return cache
 
