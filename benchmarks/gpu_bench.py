@@ -4,12 +4,15 @@ Run on a CUDA machine (see docs/PERFORMANCE.md for the exact commands). It build
 full-size random checkpoint, then drives `python -m runner` subprocesses exactly as the
 service does, sampling nvidia-smi while they run, and prints tables (also written as JSON):
 
-  memory   per (dtype, offload, batch): each source length's phase times, torch's peak
-           allocated and reserved memory, nvidia-smi's peak, and nvidia-smi after exit
+  memory   per (dtype, offload, batch) and source length, a fresh runner process running the job
+           twice: phase times, torch's peak allocated and reserved memory, nvidia-smi's peak (job 1
+           is what the service sees), the DiT's call count and batch sizes (guidance doubles the
+           batch), and nvidia-smi after the runner exits
   coldstart where a cold request's time goes; weights page-cache -> GPU copy time; a runner
            started ahead of time; keep-warm back-to-back jobs against one process per job;
            loading with device_map="cuda" against load-then-.to("cuda")
   unload   the same job in-process followed by del + gc + empty_cache: what stays held
+  speed    the denoising steps through the speed-up switches: benchmarks/step_speed.py
 """
 from __future__ import annotations
 
@@ -52,16 +55,23 @@ class Sampler:
 
     def __init__(self, period: float = 0.05):
         self.period, self.high, self._stop = period, 0, threading.Event()
+        self.lock, self.epoch = threading.Lock(), 0
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self):
         while not self._stop.is_set():
-            self.high = max(self.high, nvsmi_used_mib())
+            epoch = self.epoch
+            reading = nvsmi_used_mib()  # slow: a window may open meanwhile
+            with self.lock:
+                if epoch == self.epoch:  # a reading begun before `window()` belongs to the old window
+                    self.high = max(self.high, reading)
             time.sleep(self.period)
 
     def window(self) -> int:
-        high, self.high = self.high, nvsmi_used_mib()
+        with self.lock:
+            high, self.high = self.high, nvsmi_used_mib()
+            self.epoch += 1
         return high
 
     def stop(self):
@@ -94,18 +104,26 @@ def runner_env() -> dict:
 
 
 class Serve:
-    """A keep-warm runner process: jobs on stdin, events on stdout."""
+    """A keep-warm runner process: jobs on stdin, events on stdout. `wait=False` starts it ahead
+    (it imports torch and diffusers, touching no GPU) and `wait_ready` waits for it later."""
 
-    def __init__(self, idle: float = 600):
+    def __init__(self, idle: float = 600, wait: bool = True):
         self.started = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "runner", "serve", "--idle-timeout", str(idle)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, cwd=REPO, env=runner_env())
         self.stderr_lines: list[str] = []
         threading.Thread(target=lambda: self.stderr_lines.extend(self.proc.stderr), daemon=True).start()
-        ready = self.next_event("ready")
-        self.ready_s = time.perf_counter() - self.started
-        self.import_s = ready.get("import_s")
+        self.ready_s = self.import_s = None
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> "Serve":
+        if self.ready_s is None:
+            ready = self.next_event("ready")
+            self.ready_s = time.perf_counter() - self.started
+            self.import_s = ready.get("import_s")
+        return self
 
     def next_event(self, *kinds):
         for line in self.proc.stdout:
@@ -134,28 +152,50 @@ def job_args(ckpt: Path, src: Path, out: Path, dtype: str, offload: str, batch: 
 
 
 def part_memory(ckpt: Path, work: Path, durations: list[int], steps: int, groups: list[tuple]) -> list[dict]:
+    """Each (group, length) cell in a fresh runner, as the service runs every job: job 1 is what a
+    request sees (first-call warm-up included), job 2 the same job again in that process. The next
+    cell's runner is started ahead, so its imports overlap this cell's jobs."""
     sampler, rows = Sampler(), []
-    for dtype, offload, batch in groups:
-        serve = Serve()
-        for seconds in durations:
+    spare = Serve(wait=False)
+    cells = [(group, seconds) for group in groups for seconds in durations]
+    for index, ((dtype, offload, batch), seconds) in enumerate(cells):
+        serve = spare.wait_ready()
+        spare = Serve(wait=False) if index + 1 < len(cells) else None
+        for job_no in (1, 2):
             sampler.window()
             result, wall = serve.job(**job_args(ckpt, make_source(work, seconds), work, dtype, offload, batch, steps))
             smi_peak = sampler.window()
-            row = dict(dtype=dtype, offload=offload, batch=batch, seconds=seconds, wall_s=round(wall, 2), smi_peak_mib=smi_peak)
+            row = dict(dtype=dtype, offload=offload, batch=batch, seconds=seconds, job=job_no, wall_s=round(wall, 2), smi_peak_mib=smi_peak)
             if result["event"] == "error":
                 row.update(error=result["code"], message=result["message"][:200])
             else:
-                row.update(timings=result["timings"], peak_reserved_mib=(result["peak_vram_bytes"] or 0) // MIB,
+                row.update(dit=(result.get("speedups") or {}).get("dit_forwards"), speedups=(result.get("speedups") or {}).get("on"),
+                           timings=result["timings"], peak_reserved_mib=(result["peak_vram_bytes"] or 0) // MIB,
                            peak_allocated_mib=(result["peak_vram_allocated_bytes"] or 0) // MIB)
                 for output in result["outputs"]:
                     Path(output["path"]).unlink(missing_ok=True)
             rows.append(row)
             print(json.dumps(row), flush=True)
         status = serve.close()
-        rows.append(dict(dtype=dtype, offload=offload, batch=batch, exit_status=status, after_exit_mib=after_exit_mib()))
-        print(json.dumps(rows[-1]), flush=True)
+        if seconds == durations[-1]:  # once per group: what the card shows after the runner exits
+            rows.append(dict(dtype=dtype, offload=offload, batch=batch, exit_status=status, after_exit_mib=after_exit_mib()))
+            print(json.dumps(rows[-1]), flush=True)
     sampler.stop()
     return rows
+
+
+def warm_compile(ckpt: Path, work: Path, dtypes: list[str]) -> dict:
+    """One short job per dtype before the table, so that its cells find the compile cache warm,
+    as a deployed service does after its first job; its times are those of a cold cache."""
+    out = {}
+    for dtype in dtypes:
+        serve = Serve()
+        result, wall = serve.job(**job_args(ckpt, make_source(work, 30), work, dtype, "off", 1, 2))
+        serve.close()
+        out[dtype] = {"wall_s": round(wall, 2), "timings": result.get("timings"), "speedups": result.get("speedups"),
+                      "error": result.get("code")}
+        print(json.dumps({"warm_compile": dtype} | out[dtype]), flush=True)
+    return out
 
 
 def weights_copy_seconds(ckpt: Path) -> dict:
@@ -292,6 +332,8 @@ def main() -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--cold-seconds", type=int, default=120, help="source length of the cold-start runs")
     parser.add_argument("--short-seconds", type=int, default=30, help="source length of the back-to-back runs")
+    parser.add_argument("--warm-compile", action="store_true", help="fill the compile cache (one short job per dtype) first")
+    parser.add_argument("--speed-args", default="", help="more arguments for benchmarks/step_speed.py (the speed part)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     global DEVICE
@@ -308,12 +350,19 @@ def main() -> int:
     print(json.dumps(results), flush=True)
     parts = args.parts.split(",")
     groups = [(g.split(":")[0], g.split(":")[1], int(g.split(":")[2])) for g in args.groups.split(",") if g]
+    if args.warm_compile:
+        results["warm_compile"] = warm_compile(ckpt, args.work, sorted({g[0] for g in groups}))
     if "memory" in parts:
         results["memory"] = part_memory(ckpt, args.work, [int(d) for d in args.durations.split(",")], args.steps, groups)
     if "unload" in parts and DEVICE == "cuda":
         results["unload"] = part_unload(ckpt, args.work, args.steps)
     if "coldstart" in parts:
         results["coldstart"] = part_coldstart(ckpt, args.work, args.steps, args.cold_seconds, args.short_seconds)
+    if "speed" in parts:  # a child: this process must hold no CUDA context while runners are measured
+        speed_json = args.work / "speed.json"
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "step_speed.py"), "--checkpoints", str(ckpt), "--work", str(args.work),
+                        "--device", args.device, "--json", str(speed_json)] + args.speed_args.split(), cwd=REPO, env=runner_env())
+        results["speed"] = json.loads(speed_json.read_text()) if speed_json.exists() else None
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     print_memory_table(results.get("memory", []))
@@ -321,17 +370,20 @@ def main() -> int:
 
 
 def print_memory_table(rows: list[dict]) -> None:
-    print("\ndtype     offload batch  src_s  wall_s  load_s  enc_s  steps_s  dec_s  alloc_MiB  reserved_MiB  smi_MiB")
+    """The proof first (DiT calls x batch, first..last timestep), then the figures."""
+    print("\ndtype     offload batch  src_s job  dit_calls       t          wall_s  load_s  enc_s  steps_s  dec_s  alloc_MiB  reserved_MiB  smi_MiB")
     for r in rows:
         if "exit_status" in r:
             print(f"{r['dtype']:9} {r['offload']:7} {r['batch']:5}  exit {r['exit_status']}, nvidia-smi after exit {r['after_exit_mib']}")
         elif "error" in r:
-            print(f"{r['dtype']:9} {r['offload']:7} {r['batch']:5}  {r['seconds']:5}  {r['error']}: {r['message'][:80]}")
+            print(f"{r['dtype']:9} {r['offload']:7} {r['batch']:5}  {r['seconds']:5} {r.get('job', 1):3}  {r['error']}: {r['message'][:80]}")
         else:
-            t = r["timings"]
-            print(f"{r['dtype']:9} {r['offload']:7} {r['batch']:5}  {r['seconds']:5}  {r['wall_s']:6}  {t.get('load_s', 0):6}  "
-                  f"{t.get('encoding_s', 0):5}  {t.get('generating_s', 0):7}  {t.get('decoding_s', 0):5}  "
-                  f"{r['peak_allocated_mib']:9}  {r['peak_reserved_mib']:12}  {r['smi_peak_mib']:7}")
+            t, dit = r["timings"], r.get("dit") or {}
+            calls = " ".join(f"{n}xB{b}" for b, n in (dit.get("batch_sizes") or {}).items()) or "?"
+            span = f"{dit.get('first_t')}..{dit.get('last_t')}"
+            print(f"{r['dtype']:9} {r['offload']:7} {r['batch']:5}  {r['seconds']:5} {r.get('job', 1):3}  {calls:14}  {span:15} "
+                  f"{r['wall_s']:6}  {t.get('load_s', 0):6}  {t.get('encoding_s', 0):5}  {t.get('generating_s', 0):7}  "
+                  f"{t.get('decoding_s', 0):5}  {r['peak_allocated_mib']:9}  {r['peak_reserved_mib']:12}  {r['smi_peak_mib']:7}")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,10 @@ def build_pipeline(size: str = "tiny", seed: int = 0, device: str = "cpu", dtype
         transformer = AceStepTransformer1DModel(in_channels=192, audio_acoustic_hidden_dim=64, **spec["dit"])
         condition_encoder = AceStepConditionEncoder(text_hidden_dim=spec["text"]["hidden_size"],
                                                     timbre_hidden_dim=64, **spec["cond"])
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    # What diffusers 0.42.1's AceStepPipeline expects of a converted checkpoint: timesteps in
+    # [0, 1] fed verbatim (the pipeline shifts its own sigma schedule), so the guidance interval
+    # test `0 <= 1 - t <= 1` holds on every step and each DiT call runs the (cond, null) pair.
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0)
     pipe = AceStepPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
                            condition_encoder=condition_encoder, scheduler=scheduler)
     if dtype is not None:

@@ -11,6 +11,7 @@ from typing import Optional
 
 import numpy as np
 
+from runner import speedups
 from runner.engines.base import MODEL_SAMPLE_RATE, LegoJob, LoadOptions, StageCallback, StepCallback
 from runner.events import checkpoint_error, generation_error
 from runner.tracks import lego_instruction
@@ -26,6 +27,7 @@ class DiffusersEngine:
     def __init__(self) -> None:
         self.pipe = None
         self.options: Optional[LoadOptions] = None
+        self.speedups: Optional[speedups.Speedups] = None
 
     def load(self, checkpoints: Path, options: LoadOptions) -> None:
         import torch
@@ -45,6 +47,7 @@ class DiffusersEngine:
             pipe.enable_model_cpu_offload()
         else:
             pipe.to(options.device)
+        self.speedups = speedups.apply(pipe, options.device)
         self.pipe, self.options = pipe, options
 
     def generate(self, job: LegoJob, on_stage: StageCallback, on_step: StepCallback) -> list[np.ndarray]:
@@ -63,6 +66,7 @@ class DiffusersEngine:
             return callback_kwargs
 
         pipe.progress_bar = progress_bar
+        self.speedups.reset()
         on_stage("encoding")
         # The pipeline samples the source's VAE posterior with the global RNG, not `generator`:
         # seed both, or the same seed would not give the same stem.
@@ -99,6 +103,11 @@ class DiffusersEngine:
         finally:
             del pipe.progress_bar
         return list(audio.cpu().numpy())
+
+    def describe(self) -> dict:
+        """For the result event: the speed-up switches that were on, and the last job's DiT
+        forwards (count, batch sizes, first and last timestep)."""
+        return {"speedups": self.speedups.report() if self.speedups else None}
 
     def peak_vram_bytes(self) -> Optional[int]:
         import torch

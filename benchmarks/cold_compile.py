@@ -1,0 +1,93 @@
+"""What a fresh process pays for the compiled path, the runner being a fresh process per job.
+
+`first_forward` is one new process's cost before its first DiT forward (load, switches, first
+call; with the compile switch that is Dynamo's trace plus Inductor's cache load). `cold_runner`
+is the whole cold request, `python -m runner lego` as the service starts it, with the switches
+off (ACESTEP_SPEEDUPS=none) and at their defaults, alternated. Called from step_speed.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from benchmarks.step_speed import REPO, VARIANTS
+
+
+def first_forward(ckpt: Path, dtype_name: str, device: str, names: tuple, t4: bool) -> dict:
+    """What a fresh process pays before its first forward: transformer load, switches, first call."""
+    import torch
+
+    from benchmarks.step_speed import capture_kwargs, forward, fresh_transformer, load_pipe, make_source, sync, t4_attention
+    from runner import speedups
+
+    dtype = getattr(torch, dtype_name)
+    ctx = t4_attention() if t4 else contextlib.nullcontext()
+    with ctx:
+        t0 = time.perf_counter()
+        pipe = load_pipe(ckpt, dtype, device)
+        kwargs = capture_kwargs(pipe, make_source(8), device)  # eager, so the compiled call below is the first
+        tr = fresh_transformer(ckpt, dtype, device)
+        loaded = time.perf_counter()
+        speedups.apply(SimpleNamespace(transformer=tr), device, names, flash=not t4)
+        forward(tr, kwargs)
+        sync(device)
+        first = time.perf_counter()
+        forward(tr, kwargs)
+        sync(device)
+        second = time.perf_counter()
+    from torch._dynamo.utils import compile_times, counters
+
+    phases = compile_times(repr="csv", aggregate=True)  # (names, seconds) of Dynamo/Inductor's phases
+    return {"phases_s": {n: round(float(t), 3) for n, t in zip(*phases) if float(t) >= 0.05},
+            "compile_threads": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS"),"names": list(names), "load_s": round(loaded - t0, 2), "first_call_s": round(first - loaded, 3),
+            "second_call_s": round(second - first, 3),
+            "cache": {k: dict(v) for k, v in counters.items() if k in ("inductor", "aot_autograd", "dynamo_cache")}}
+
+
+def fresh_processes(ckpt: Path, args, emit) -> None:
+    """A new process's first compiled forward with the cache warm (filled above), against eager."""
+    for dtype_name in args.dtypes:
+        t4 = dtype_name == "float16" and args.device == "cuda"
+        for name, threads in (("eager", None), (args.fresh_variant, None), (args.fresh_variant, "1")):
+            code = (f"import json,sys; sys.path.insert(0, {str(REPO)!r}); from pathlib import Path; "
+                    f"from benchmarks.cold_compile import first_forward; "
+                    f"print('FRESH', json.dumps(first_forward(Path({str(ckpt)!r}), {dtype_name!r}, {args.device!r}, "
+                    f"{VARIANTS[name]!r}, {t4!r})))")
+            env = dict(os.environ, **({"TORCHINDUCTOR_COMPILE_THREADS": threads} if threads else {}))
+            if name == "eager" and threads:
+                continue
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+            lines = [l[6:] for l in done.stdout.splitlines() if l.startswith("FRESH ")]
+            emit(f"fresh_{dtype_name}_{name}{'_threads' + threads if threads else ''}", json.loads(lines[-1]) if lines else {"error": done.stderr[-2000:]})
+
+
+def cold_runner(ckpt: Path, args, emit) -> None:
+    """`python -m runner lego` as the service starts it (a fresh process), speed-ups off vs default."""
+    from benchmarks.gpu_bench import make_source as wav_source
+
+    work = Path(args.work)
+    src = wav_source(work, int(args.seconds))
+    for attempt in range(args.cold_runs):
+        for setting in args.cold_settings.split(";"):
+            env = dict(os.environ, ACESTEP_SPEEDUPS=setting, HF_HUB_OFFLINE="1",
+                       PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            t = time.perf_counter()
+            done = subprocess.run([sys.executable, "-m", "runner", "lego", "--source", str(src), "--track", "vocals", "--bpm", "120",
+                                   "--checkpoints", str(ckpt), "--out", str(work), "--seed", "1", "--device", args.device,
+                                   "--dtype", args.dtypes[0], "--offload", "off"], capture_output=True, text=True, cwd=REPO, env=env)
+            wall = time.perf_counter() - t
+            result = [json.loads(l) for l in done.stdout.splitlines() if l.startswith('{"event":"result"')]
+            row = {"wall_s": round(wall, 2)}
+            if result:
+                row.update(timings=result[0]["timings"], speedups=result[0].get("speedups"))
+                for output in result[0]["outputs"]:
+                    Path(output["path"]).unlink(missing_ok=True)
+            else:
+                row["error"] = (done.stdout[-500:] + done.stderr[-1500:])
+            emit(f"cold_runner_{setting.replace(',', '+')}_{attempt + 1}", row)
