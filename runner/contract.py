@@ -142,6 +142,27 @@ BATCH_SIZES = (1, 2)
 GUIDANCE_RANGE = (1.0, 30.0)
 MAX_CAPTION_CHARS = 1000
 OUTPUT_FORMATS = ("wav", "flac", "mp3")
+# The DiT speed-up switches (runner/speedups.py, environment ACESTEP_SPEEDUPS): named here so the
+# service can refuse a bad value at start instead of failing every job.
+SPEEDUP_SWITCHES = ("contiguous", "fused", "attention", "compile")
+
+
+def speedup_names(value: str) -> tuple[str, ...] | None:
+    """ACESTEP_SPEEDUPS parsed: None for the measured defaults ("" or "default"), () for "none", else
+    the names in order. Raises ValueError on an unknown name or a switch without what it needs."""
+    value = value.strip().lower()
+    if value in ("", "default"):
+        return None
+    if value == "none":
+        return ()
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    unknown = [n for n in names if n not in SPEEDUP_SWITCHES]
+    if unknown:
+        raise ValueError(f"ACESTEP_SPEEDUPS={value!r} names {', '.join(unknown)}; give a comma list of "
+                         f"{', '.join(SPEEDUP_SWITCHES)}, or none, or default.")
+    if "attention" in names and not {"fused", "compile"} & set(names):
+        raise ValueError(f"ACESTEP_SPEEDUPS={value!r}: `attention` works through the `fused` attention processor; add fused.")
+    return names
 MP3_MAX_SAMPLE_RATE = 48000
 DEFAULT_MAX_DURATION_S = 600.0
 

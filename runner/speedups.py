@@ -31,9 +31,9 @@ from typing import Optional
 
 import torch
 
+from runner.contract import SPEEDUP_SWITCHES as SWITCHES, speedup_names
 from runner.events import bad_input
 
-SWITCHES = ("contiguous", "fused", "attention", "compile")
 ENV = "ACESTEP_SPEEDUPS"
 CACHE_ENV = "ACESTEP_COMPILE_CACHE"
 # Measured defaults (docs/PERFORMANCE.md, "Speed of the 50 steps"): the three eager switches
@@ -50,19 +50,11 @@ def default_cache_dir() -> Path:
 
 def chosen(device: str, value: Optional[str] = None) -> tuple[str, ...]:
     """The switches `ACESTEP_SPEEDUPS` (or `value`) asks for; unknown names are the caller's error."""
-    value = (os.environ.get(ENV, "") if value is None else value).strip().lower()
-    if value in ("", "default"):
-        return DEFAULTS.get(device, ())
-    if value == "none":
-        return ()
-    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
-    unknown = [n for n in names if n not in SWITCHES]
-    if unknown:
-        raise bad_input("bad_speedups", f"{ENV}={value!r} names {', '.join(unknown)}; give a comma list of "
-                                        f"{', '.join(SWITCHES)}, or none, or default.")
-    if "attention" in names and not {"fused", "compile"} & set(names):
-        raise bad_input("bad_speedups", f"{ENV}={value!r}: `attention` works through the `fused` attention processor; add fused.")
-    return names
+    try:
+        names = speedup_names(os.environ.get(ENV, "") if value is None else value)
+    except ValueError as exc:
+        raise bad_input("bad_speedups", str(exc)) from None
+    return DEFAULTS.get(device, ()) if names is None else names
 
 
 @dataclass

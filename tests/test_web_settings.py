@@ -90,6 +90,8 @@ def test_every_default_parses(tmp_path):
     ("QUEUE_LANE", "a b", "may hold only"),
     ("QUEUE_PROCEED_IF_UNREACHABLE", "maybe", "yes/no"),
     ("RUNNER_COMMAND", "python '-m runner", "quoting"),
+    ("ACESTEP_SPEEDUPS", "turbo", "names turbo"),  # refused at start, not by every job's runner
+    ("ACESTEP_SPEEDUPS", "attention", "add fused"),
 ])
 def test_bad_values_are_one_clear_sentence(tmp_path, name, value, words):
     env = {"ACESTEP_CHECKPOINTS": str(tmp_path), "DATA_DIR": str(tmp_path / "d"), "GPU_LOCK_FILE": str(tmp_path / "l"),

@@ -45,7 +45,7 @@ log = logging.getLogger("acestep.webapp.runner")
 # values with each job, so its environment cannot become a second source of settings (and
 # API_KEY stays here). The seed's two ACE-Step variables pass through: ACE-Step's own code may
 # read them, and the settings module has validated them (ACESTEP_INIT_LLM can only be false).
-_HIDDEN_ENV = frozenset(BY_NAME) - {"ACESTEP_CONFIG_PATH", "ACESTEP_INIT_LLM"}
+_HIDDEN_ENV = frozenset(BY_NAME) - {"ACESTEP_CONFIG_PATH", "ACESTEP_INIT_LLM", "ACESTEP_SPEEDUPS"}
 EARLY_STDERR_LINES = 200
 KILL_WAIT_S = 10.0
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
-from runner.contract import STEPS_RANGE
+from runner.contract import STEPS_RANGE, speedup_names
 
 FIELD_LIMIT_BYTES = 256 * 1024  # one text field (multipart) or one JSON value other than the audio
 FLOAT32_STEREO_48K_BYTES_PER_S = 48000 * 2 * 4
@@ -112,6 +112,8 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("ACESTEP_DTYPE", "choice", "auto", "Weights dtype passed to the runner (`--dtype`); `auto` = the runner's choice for the card.",
             choices=("auto", "bfloat16", "float16", "float32")),
     Setting("ACESTEP_OFFLOAD", "choice", "auto", "Model CPU offload passed to the runner (`--offload`).", choices=("auto", "on", "off")),
+    Setting("ACESTEP_SPEEDUPS", "str", "default",
+            "The diffusers engine's DiT speed-ups (docs/PERFORMANCE.md): `default` (contiguous, fused, attention), `none`, or a comma list of contiguous, fused, attention, compile."),
     Setting("ACESTEP_CONFIG_PATH", "str", "acestep-v15-base",
             "The DiT's sub-folder in ACE-Step's checkpoint layout (the seed's setting; only the base model has the lego task)."),
     Setting("ACESTEP_INIT_LLM", "bool", "false",
@@ -236,6 +238,10 @@ class Settings:
     def _validate(self, check_filesystem: bool) -> None:
         if self.acestep_init_llm:
             raise SettingsError("ACESTEP_INIT_LLM=true is not supported: the lego task runs without the language model on the shared T4; unset it or set it to false.")
+        try:
+            speedup_names(self.acestep_speedups)
+        except ValueError as exc:
+            raise SettingsError(f"{exc} Fix it or unset it.") from None
         if not (self.lego_min_steps <= self.lego_steps <= self.lego_max_steps):
             raise SettingsError(
                 f"LEGO_STEPS={self.lego_steps} must lie between LEGO_MIN_STEPS={self.lego_min_steps} and "
