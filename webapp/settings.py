@@ -241,7 +241,7 @@ class Settings:
         try:
             speedup_names(self.acestep_speedups)
         except ValueError as exc:
-            raise SettingsError(f"{exc} Fix it or unset it.") from None
+            raise SettingsError(str(exc)) from None
         if not (self.lego_min_steps <= self.lego_steps <= self.lego_max_steps):
             raise SettingsError(
                 f"LEGO_STEPS={self.lego_steps} must lie between LEGO_MIN_STEPS={self.lego_min_steps} and "
