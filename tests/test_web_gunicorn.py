@@ -48,6 +48,9 @@ def assert_token_log_invariants(server: Gunicorn, fake_queue, task_ids: list[str
     # A completed job is answered once its stem is written; its runner's exit and the release follow.
     wait_for(lambda: all(fake_queue.sids_of(t) and all(fake_queue.sessions[s]["released"] for s in fake_queue.sids_of(t))
                          for t in task_ids), timeout=20, what="every release")
+    # The runner's exit time is taken before the release but logged after it: wait for the log line.
+    wait_for(lambda: {e["job_id"] for e in server.events("job_runner_started")}
+             <= {e["job_id"] for e in server.events("job_runner_exited")}, timeout=20, what="every runner_exited line")
     starts = {e["job_id"]: e for e in server.events("job_runner_started")}
     exits = {e["job_id"]: e for e in server.events("job_runner_exited")}
     assert len(fake_queue.acquires()) == len(fake_queue.releases()) == len(task_ids)

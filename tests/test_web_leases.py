@@ -65,6 +65,8 @@ def test_a_full_disk_under_the_runners_log_stops_neither_the_job_nor_the_release
     wait_for(lambda: fake_queue.releases(), what="the release")
     assert fake_queue.problems() == []
     runner = app.extensions["acestep"].jobs.get(task)
+    # the job records the exit (taken before the release) once the release call has returned
+    wait_for(lambda: runner.tokens_released_at is not None, what="the job's record of the release")
     assert runner.runner_exited_at is not None and runner.tokens_released_at >= runner.runner_exited_at
 
 
