@@ -18,6 +18,7 @@ from pathlib import Path
 
 from runner import cancellation
 from runner.events import EXIT_GENERATION, EXIT_OK, Cancelled, EventStream, RunnerError, bad_input
+from runner.contract import DEFAULT_MAX_DURATION_S
 from runner.tracks import TRACKS
 
 DEFAULT_CHECKPOINTS = "./checkpoints"
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     lego.add_argument("--source", required=True, type=Path, help="source audio (WAV, FLAC, OGG, MP3; M4A/AAC with ffmpeg)")
     lego.add_argument("--track", required=True, choices=TRACKS)
     lego.add_argument("--bpm", required=True, type=int, help="tempo of the source, 30..300")
-    lego.add_argument("--key", help='key and scale, e.g. "F# minor"')
+    lego.add_argument("--key", help='key and scale, e.g. "F# minor", "Bb major" or shorthand Am, F#m, Bbmaj, C#min')
     lego.add_argument("--caption", help="style caption; default: the track's own")
     lego.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     lego.add_argument("--batch-size", type=int, default=1, choices=(1, 2), help="candidates to write (1 or 2)")
@@ -52,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(lego, env)
     lego.add_argument("--out", type=Path, default=Path("."), help="output folder (default: current folder)")
     lego.add_argument("--format", choices=("wav", "flac", "mp3"), default="wav")
-    lego.add_argument("--max-duration", type=float, default=float(env.get("MAX_DURATION_S") or 600),
-                      help="longest source accepted, seconds (default MAX_DURATION_S or 600)")
+    lego.add_argument("--max-duration", type=float, default=float(env.get("MAX_DURATION_S") or DEFAULT_MAX_DURATION_S),
+                      help=f"longest source accepted, seconds (default MAX_DURATION_S or {DEFAULT_MAX_DURATION_S:g})")
 
     tiny = sub.add_parser("make-tiny-checkpoint", help="build a tiny random-weight checkpoint (tests, demo)")
     tiny.add_argument("dir", type=Path)
