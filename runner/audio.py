@@ -132,6 +132,13 @@ def check_format(fmt: str, sample_rate: int) -> None:
         )
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, samples: np.ndarray, sample_rate: int, fmt: str) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see a partial file."""
     container, subtype = FORMATS[fmt]
@@ -139,6 +146,7 @@ def write_atomic(path: Path, samples: np.ndarray, sample_rate: int, fmt: str) ->
     os.close(fd)
     try:
         sf.write(tmp, samples, sample_rate, format=container, subtype=subtype)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a stem is an ordinary file, as open() would make it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

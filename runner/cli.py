@@ -18,6 +18,7 @@ from pathlib import Path
 
 from runner import cancellation
 from runner.events import EXIT_GENERATION, EXIT_OK, Cancelled, EventStream, RunnerError, bad_input
+from runner.contract import DEFAULT_MAX_DURATION_S
 from runner.tracks import TRACKS
 
 DEFAULT_CHECKPOINTS = "./checkpoints"
@@ -33,6 +34,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ
     parser = _Parser(prog="python -m runner", description="ACE-Step 1.5 lego stem generation, one job per process.")
+    parser.add_argument("--json", action="store_true",
+                        help="every event as JSON on stdout, even on a terminal (default: on a terminal, stages and "
+                             "progress show on stderr as lines and a bar only; a pipe always gets every event)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     lego = sub.add_parser("lego", help="generate a stem that fits a source stem",
@@ -40,32 +44,39 @@ def build_parser() -> argparse.ArgumentParser:
     lego.add_argument("--source", required=True, type=Path, help="source audio (WAV, FLAC, OGG, MP3; M4A/AAC with ffmpeg)")
     lego.add_argument("--track", required=True, choices=TRACKS)
     lego.add_argument("--bpm", required=True, type=int, help="tempo of the source, 30..300")
-    lego.add_argument("--key", help='key and scale, e.g. "F# minor"')
+    lego.add_argument("--key", help='key and scale, e.g. "F# minor", "Bb major" or shorthand Am, F#m, Bbmaj, C#min')
     lego.add_argument("--caption", help="style caption; default: the track's own")
     lego.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     lego.add_argument("--batch-size", type=int, default=1, choices=(1, 2), help="candidates to write (1 or 2)")
     lego.add_argument("--seed", type=int, help="random seed (default: random, reported in the result)")
     lego.add_argument("--repaint-start", type=float, default=0.0, help="window start in seconds (default 0)")
     lego.add_argument("--repaint-end", type=float, default=-1.0, help="window end in seconds; -1: end of clip")
-    lego.add_argument("--guidance-scale", type=float, default=7.0)
+    lego.add_argument("--guidance-scale", type=float, default=7.0, help="classifier-free guidance, 1..30 (default 7)")
     lego.add_argument("--time-signature", help="e.g. 4 or 3")
     _add_model_options(lego, env)
-    lego.add_argument("--out", type=Path, default=Path("."), help="output folder (default: current folder)")
-    lego.add_argument("--format", choices=("wav", "flac", "mp3"), default="wav")
-    lego.add_argument("--max-duration", type=float, default=float(env.get("MAX_DURATION_S") or 600),
-                      help="longest source accepted, seconds (default MAX_DURATION_S or 600)")
+    lego.add_argument("--out", type=Path, default=Path("."), help="output folder, created if missing (default: current folder)")
+    lego.add_argument("--format", choices=("wav", "flac", "mp3"), default="wav",
+                      help="the stem's format: wav or flac (24-bit) or mp3 (default wav)")
+    lego.add_argument("--max-duration", type=float, default=float(env.get("MAX_DURATION_S") or DEFAULT_MAX_DURATION_S),
+                      help=f"longest source accepted, seconds (default MAX_DURATION_S or {DEFAULT_MAX_DURATION_S:g})")
 
     tiny = sub.add_parser("make-tiny-checkpoint", help="build a tiny random-weight checkpoint (tests, demo)")
-    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("dir", type=Path, help="the new checkpoint folder (must not exist yet)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--size", choices=("tiny", "full"), default="tiny",
                       help="full: the real base model's sizes (GB; for GPU benchmarks)")
 
-    download = sub.add_parser("download", help="download the real base-model weights through huggingface_hub")
-    download.add_argument("dir", type=Path)
+    download = sub.add_parser(
+        "download", help="download the real base-model weights through huggingface_hub",
+        description="Download the ACE-Step 1.5 base model's weights (about 6 GB: the base DiT acestep-v15-base, "
+                    "the VAE and Qwen3-Embedding-0.6B; never the language model) into DIR. Resumable: run it "
+                    "again after a failure and it continues, skipping finished files. HF_TOKEN is sent "
+                    "when set (these repositories are public: it is not needed); HF_ENDPOINT points at a mirror.")
+    download.add_argument("dir", type=Path, help="the checkpoint folder to fill (created if missing), e.g. ./checkpoints")
 
     check = sub.add_parser("check", help="say what a checkpoint folder is and whether it is complete")
-    check.add_argument("dir", type=Path, nargs="?", default=Path(env.get("ACESTEP_CHECKPOINTS") or DEFAULT_CHECKPOINTS))
+    check.add_argument("dir", type=Path, nargs="?", default=Path(env.get("ACESTEP_CHECKPOINTS") or DEFAULT_CHECKPOINTS),
+                       help="the checkpoint folder to inspect (default ACESTEP_CHECKPOINTS or ./checkpoints)")
     _add_model_options(check, env, with_checkpoints=False)
 
     serve = sub.add_parser("serve", help="keep-warm: read lego jobs as JSON lines on stdin, one at a time")
@@ -111,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None, events: EventStream) -> int:
     try:
         args = build_parser().parse_args(argv)
+        events.for_person = events.out_is_terminal() and not args.json
         return _dispatch(args, events)
     except RunnerError as err:
         events.error(err)

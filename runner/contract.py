@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 from typing import Any
 
 # ---- the command line ---------------------------------------------------------------------------
@@ -164,8 +165,35 @@ def speedup_names(value: str) -> tuple[str, ...] | None:
         raise ValueError(f"ACESTEP_SPEEDUPS={value!r}: `attention` works through the `fused` attention processor; add fused.")
     return names
 MP3_MAX_SAMPLE_RATE = 48000
-DEFAULT_MAX_DURATION_S = 600.0
+DEFAULT_MAX_DURATION_S = 240.0  # the longest source, runner and service alike (MAX_DURATION_S overrides)
 
 
 def finite(value: float) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---- key and scale: the musicians' spellings, normalised once for both sides ------------------------
+
+_KEY_RE = re.compile(
+    r"^\s*([A-Ga-g])\s*(#|b|\u266f|\u266d|-?sharp|-?flat)?\s*"
+    r"(m|M|maj|major|min|minor|-)?\s*$", re.IGNORECASE)
+_ACCIDENTALS = {"#": "#", "b": "b", "\u266f": "#", "\u266d": "b", "sharp": "#", "flat": "b"}
+MAX_KEY_CHARS = 20
+
+
+def normalise_key(text: str) -> str | None:
+    """A key as musicians write it ("Am", "F#m", "Bbmaj", "C#min", "Eb major", "F sharp minor",
+    "A") in the one form the engines take ("A minor", "Bb major"); None when it is not a key.
+    A bare note is major; a lone "m" (or "-") is minor, a capital "M" major."""
+    if not isinstance(text, str) or len(text) > MAX_KEY_CHARS:
+        return None
+    match = _KEY_RE.match(text)
+    if not match:
+        return None
+    note, accidental, scale = match.groups()
+    accidental = _ACCIDENTALS[(accidental or "").lower().lstrip("-")] if accidental else ""
+    if scale is None or scale == "M" or scale.lower() in ("maj", "major"):
+        mode = "major"
+    else:  # "m", "-", "min", "minor" (a lowercase "m" that is not "M")
+        mode = "minor"
+    return f"{note.upper()}{accidental} {mode}"

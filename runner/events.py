@@ -54,16 +54,30 @@ class Cancelled(BaseException):
     loader and its generation in those) must not turn a cancel into a failure or a retry."""
 
 
-class EventStream:
-    """Writes events as JSON lines to the real stdout, and a readable line to stderr."""
+HUMAN_SHOWN_EVENTS = frozenset({EventType.STAGE.value, EventType.PROGRESS.value})
 
-    def __init__(self, out: IO[str] | None = None, err: IO[str] | None = None):
+
+class EventStream:
+    """Writes events as JSON lines to the real stdout, and a readable line to stderr.
+
+    `for_person` (stdout is a terminal, and no `--json`): stage and progress events, which stderr
+    already shows as lines and a bar, are left off stdout, so a person sees one progress bar
+    rather than a scroll of JSON; every other event is still written. A pipe (the service) gets all."""
+
+    def __init__(self, out: IO[str] | None = None, err: IO[str] | None = None, for_person: bool = False):
         self._out = out if out is not None else sys.stdout
         self._err = err if err is not None else sys.stderr
+        self.for_person = for_person
         # Progress may come from an engine's worker thread (ACE-Step diffuses in one): one line at a time.
         self._lock = threading.RLock()
 
+    def out_is_terminal(self) -> bool:
+        isatty = getattr(self._out, "isatty", None)
+        return bool(isatty and isatty())
+
     def emit(self, event: str, **fields: Any) -> None:
+        if self.for_person and event in HUMAN_SHOWN_EVENTS:
+            return
         line = json.dumps({"event": event, **fields}, separators=(",", ":"), default=str)
         with self._lock:
             self._out.write(line + "\n")

@@ -22,7 +22,7 @@ from runner.events import EventStream, bad_input, checkpoint_error, RunnerError
 from runner.layout import inspect_folder
 from runner.tracks import DEFAULT_CAPTIONS, TRACKS
 
-from runner.contract import BPM_RANGE, MAX_CAPTION_CHARS, STEPS_RANGE  # noqa: E402 - the limits are the contract's
+from runner.contract import BPM_RANGE, DEFAULT_MAX_DURATION_S, MAX_CAPTION_CHARS, STEPS_RANGE, normalise_key  # noqa: E402 - the limits are the contract's
 
 
 @dataclass
@@ -48,7 +48,7 @@ class LegoArgs:
     dtype: str = "auto"
     offload: str = "auto"
     engine: Optional[str] = None
-    max_duration_s: float = 600.0
+    max_duration_s: float = DEFAULT_MAX_DURATION_S
 
 
 @dataclass
@@ -76,6 +76,11 @@ def validate(args: LegoArgs) -> None:
         raise bad_input("bad_track", f"Unknown track {args.track!r}; choose one of {', '.join(TRACKS)}.")
     if not BPM_RANGE[0] <= args.bpm <= BPM_RANGE[1]:
         raise bad_input("bad_bpm", f"bpm {args.bpm} is outside {BPM_RANGE[0]}..{BPM_RANGE[1]}; send the tempo of the source in beats per minute.")
+    if args.key is not None:
+        key = normalise_key(args.key)
+        if key is None:
+            raise bad_input("bad_key", f"key {args.key[:30]!r} is not a key; give e.g. \"F# minor\", \"Bb major\", Am or F#m.")
+        args.key = key  # the engines take one spelling: "A minor"
     if not STEPS_RANGE[0] <= args.steps <= STEPS_RANGE[1]:
         raise bad_input("bad_steps", f"steps {args.steps} is outside {STEPS_RANGE[0]}..{STEPS_RANGE[1]}; 50 is the base model's setting.")
     if args.batch_size not in (1, 2):
@@ -99,6 +104,16 @@ def validate_window(args: LegoArgs, seconds: float) -> None:
         )
 
 
+def _make_out_dir(out: Path) -> None:
+    """The output folder, created when missing (as `--out stems/` is expected to work); a file there is refused."""
+    if out.exists() and not out.is_dir():
+        raise bad_input("bad_out_dir", f"The output path {out} is a file, not a folder; give a folder as --out.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise bad_input("bad_out_dir", f"The output folder {out} cannot be created ({exc.strerror}); give another --out.") from None
+
+
 def run_lego(args: LegoArgs, events: EventStream, cache: EngineCache) -> dict:
     """One job; returns the result event's fields. Raises RunnerError or Cancelled."""
     started = time.perf_counter()
@@ -110,8 +125,7 @@ def run_lego(args: LegoArgs, events: EventStream, cache: EngineCache) -> dict:
     source = audio_io.read_source(args.source, args.max_duration_s)
     validate_window(args, source.seconds)
     audio_io.check_format(args.format, source.sample_rate)
-    if not args.out.is_dir():
-        raise bad_input("bad_out_dir", f"The output folder {args.out} does not exist; create it or give another --out.")
+    _make_out_dir(args.out)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     timings: dict = {}
 

@@ -77,7 +77,9 @@ def serve(args, events: EventStream) -> int:
     events.emit(EventType.READY.value, loaded=False, import_s=import_torch_seconds())
     cache = EngineCache()
     idle = max(0.0, float(args.idle_timeout))
-    jobs = 0
+    jobs = 0  # job lines taken (one refused for its values included: with --idle-timeout 0 it ends the runner too)
+    ran = 0  # jobs that ran (a result, or a failure past the input checks)
+    rejected = 0  # lines refused as bad input (bad_job_line, bad values)
     lines = StdinLines()
     while True:
         timeout = idle if cache.current is not None else None
@@ -99,10 +101,13 @@ def serve(args, events: EventStream) -> int:
             finally:
                 watch.job_ended()
             events.emit(EventType.RESULT.value, **result)
+            ran += 1
         except RunnerError as err:
             events.error(err)
+            rejected += err.exit_status == EXIT_BAD_INPUT
+            ran += err.exit_status != EXIT_BAD_INPUT
             if err.exit_status != EXIT_BAD_INPUT:
                 cache.current = None  # a failed load or generation: start clean next time
         events.emit(EventType.READY.value, loaded=cache.current is not None)
-    events.say(f"[runner] serve: exiting after {jobs} job(s)")
+    events.say(f"[runner] serve: exiting after {ran} job(s), {rejected} line(s) rejected")
     return EXIT_OK

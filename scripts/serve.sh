@@ -11,6 +11,10 @@ if [ -z "${ACESTEP_CHECKPOINTS:-}" ] && [ ! -e ./checkpoints ]; then
     "$PY" -m runner make-tiny-checkpoint "$demo" >/dev/null
   fi
   export ACESTEP_CHECKPOINTS="$demo"
-  echo "demo: random weights (ACESTEP_CHECKPOINTS=$demo). Run 'python -m runner download ./checkpoints' for the real model." >&2
+  echo "demo: random weights (ACESTEP_CHECKPOINTS=$demo). Run '.venv/bin/python -m runner download ./checkpoints' for the real model." >&2
 fi
+# A taken port: one sentence naming PORT, rather than gunicorn's retries and "Can't connect".
+"$PY" scripts/port_free.py
+# Once /health answers: the URL, the page and a request to paste (in the background; it ends with us).
+"$PY" scripts/ready_hint.py $$ &
 exec .venv/bin/gunicorn -c gunicorn.conf.py wsgi:app

@@ -92,7 +92,8 @@ def test_serve_reuses_the_loaded_model_and_exits_when_idle(tmp_path, tiny_checkp
     src = write_tone(tmp_path / "s.wav", 1.0)
     job = {"command": "lego", "args": {"source": str(src), "track": "drums", "bpm": 90, "checkpoints": str(tiny_checkpoint),
                                        "out": str(tmp_path), "steps": 2}}
-    lines = [json.dumps({**job, "args": {**job["args"], "seed": s}}) for s in (1, 2)] + ['{"command": "lego", "args": {"track": "x"}}']
+    lines = [json.dumps({**job, "args": {**job["args"], "seed": s}}) for s in (1, 2)] + ['{"command": "lego", "args": {"track": "x"}}',
+                                                                                     json.dumps({**job, "args": {**job["args"], "bpm": 5}})]
     proc = subprocess.Popen([PYTHON, "-m", "runner", "serve", "--idle-timeout", "1"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=runner_env())
     proc.stdin.write("\n".join(lines) + "\n")
@@ -105,5 +106,6 @@ def test_serve_reuses_the_loaded_model_and_exits_when_idle(tmp_path, tiny_checkp
     results = [e for e in events if e["event"] == "result"]
     assert [r["seed"] for r in results] == [1, 2]
     assert results[0]["reused_loaded_model"] is False and results[1]["reused_loaded_model"] is True
-    assert [e for e in events if e["event"] == "error"][0]["code"] == "bad_job_line"
-    assert [e["loaded"] for e in events if e["event"] == "ready"] == [False, True, True, True]
+    assert [e["code"] for e in events if e["event"] == "error"] == ["bad_job_line", "bad_bpm"]
+    assert [e["loaded"] for e in events if e["event"] == "ready"] == [False, True, True, True, True]
+    assert "serve: exiting after 2 job(s), 2 line(s) rejected" in proc.stderr.read()  # issue 14: not "4 job(s)"

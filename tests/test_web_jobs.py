@@ -170,6 +170,9 @@ def test_delete_cancels_the_running_job_kills_the_runner_and_frees_the_lock(make
     assert read_records(record)[-1]["code"] == 5  # it stopped on SIGTERM, cleanly
     status = client.get(f"/lego/status/{task}").get_json()
     assert status["status"] == "failed" and status["error_code"] == "job_cancelled" and status["state"] == "cancelled"
+    audio = client.get(f"/lego/{task}/audio")  # issue 14: says cancelled, not "not completed"
+    assert audio.status_code == 409 and audio.get_json()["error_code"] == "job_cancelled", audio.get_json()
+    assert audio.get_json()["retryable"] is False
     health = client.get("/health").get_json()
     assert health["gpu_tokens"]["gpu_held"] is False and health["runner"]["holding_gpu"] is False
     job_dir = app.extensions["acestep"].settings.data_dir / "jobs" / task
@@ -317,6 +320,14 @@ def test_incomplete_checkpoints_degrade_health(make_app, fake_checkpoints):
     shutil.rmtree(fake_checkpoints / "vae")
     body = make_app().test_client().get("/health").get_json()
     assert body["status"] == "degraded" and body["checkpoints"]["missing"] == ["vae"]
+    assert body["model"] == "none" and body["checkpoints"]["weights"] == "none"  # issue 14: not "real"
+
+
+def test_an_empty_checkpoint_folder_has_no_weights(make_app, tmp_path):
+    empty = tmp_path / "empty-checkpoints"
+    empty.mkdir()
+    body = make_app(ACESTEP_CHECKPOINTS=str(empty)).test_client().get("/health").get_json()
+    assert body["status"] == "degraded" and body["model"] == "none" and body["checkpoints"]["complete"] is False
 
 
 def test_api_key(make_app):

@@ -28,6 +28,9 @@ class CheckpointInfo:
 
     @property
     def weights(self) -> str:
+        """What answers: "none" until the folder is complete (an empty or half-downloaded folder holds no model)."""
+        if not self.complete:
+            return "none"
         return "demo: random weights" if self.demo else "real"
 
     @property

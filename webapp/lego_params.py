@@ -30,7 +30,6 @@ GUIDANCE_RANGE = contract.GUIDANCE_RANGE
 SEED_MAX = 2**32 - 1
 RANDOM_SEED_BELOW = 2**31  # a seed the service picks is echoed at once, so the client can reproduce it
 TIME_SIGNATURES = ("2", "3", "4", "6")
-_KEY_RE = re.compile(r"^\s*([A-Ga-g])\s*(#|b|♯|♭)?\s+(major|minor)\s*$", re.IGNORECASE)
 
 
 @dataclass
@@ -90,7 +89,7 @@ def _build(src: Mapping[str, Any], settings, *, track_field: str, output_format:
            claimed_duration: float | None) -> LegoParams:
     warnings: list[str] = []
     track = _track(src.get(track_field), track_field)
-    bpm = _bpm(src.get("bpm"))
+    bpm = _bpm(src.get("bpm"), warnings)
     if output_format not in OUTPUT_FORMATS:
         raise ApiError("invalid_audio_format", f"The output format {output_format[:20]!r} is not one of mp3, wav, flac.")
     batch = _int(src.get("batch_size"), "batch_size", code="invalid_batch_size")
@@ -109,7 +108,7 @@ def _build(src: Mapping[str, Any], settings, *, track_field: str, output_format:
         seed = secrets.randbelow(RANDOM_SEED_BELOW)  # -1 or none: random, chosen here and echoed in every answer
     guidance = _float(src.get("guidance_scale"), "guidance_scale", minimum=GUIDANCE_RANGE[0], maximum=GUIDANCE_RANGE[1])
     params = LegoParams(
-        track=track, bpm=bpm, steps=steps, batch_size=batch, key_scale=_key_scale(src.get("key_scale")),
+        track=track, bpm=bpm, steps=steps, batch_size=batch, key_scale=_key_scale(src.get("key_scale"), warnings),
         caption=caption, seed=seed, guidance_scale=guidance, time_signature=_time_signature(src.get("time_signature")),
         output_format=output_format, claimed_duration_s=claimed_duration, warnings=warnings,
     )
@@ -128,13 +127,19 @@ def _track(value: Any, field_name: str) -> str:
     return norm
 
 
-def _bpm(value: Any) -> int:
+def _bpm(value: Any, warnings: list[str]) -> int:
+    """A whole tempo; a DAW's decimal tempo (120.5) is rounded, and the answer says so."""
     if value is None or (isinstance(value, str) and not value.strip()):
         raise ApiError("missing_bpm")
-    bpm = _int(value, "bpm", code="invalid_bpm")
+    exact = _float(value, "bpm", code="invalid_bpm") if not isinstance(value, bool) else None
+    if exact is None:
+        raise ApiError("invalid_bpm", "bpm must be a number (the source's tempo).")
+    bpm = int(round(exact))
     lo, hi = BPM_RANGE
     if not lo <= bpm <= hi:
-        raise ApiError("invalid_bpm", f"bpm {bpm} is outside {lo}..{hi}; send the source's tempo as a whole number.")
+        raise ApiError("invalid_bpm", f"bpm {exact:g} is outside {lo}..{hi}; send the source's tempo in beats per minute.")
+    if bpm != exact:
+        warnings.append(f"bpm {exact:g} was rounded to {bpm}: the model takes a whole tempo.")
     return bpm
 
 
@@ -151,16 +156,17 @@ def _steps(value: Any, settings, warnings: list[str]) -> int:
     return steps
 
 
-def _key_scale(value: Any) -> str | None:
+def _key_scale(value: Any, warnings: list[str]) -> str | None:
+    """The runner's own spelling ("A minor") of what a musician sends ("Am", "Bbmaj"), echoed in `warnings`."""
     text = _text(value)
     if text is None:
         return None
-    match = _KEY_RE.match(text) if len(text) <= 20 else None
-    if not match:
-        raise ApiError("invalid_key_scale", f"key_scale {text[:30]!r} must look like 'C major' or 'F# minor'.")
-    note, accidental, scale = match.groups()
-    accidental = {"♯": "#", "♭": "b"}.get(accidental or "", accidental or "")
-    return f"{note.upper()}{accidental} {scale.lower()}"
+    key = contract.normalise_key(text)
+    if key is None:
+        raise ApiError("invalid_key_scale", f"key_scale {text[:30]!r} is not a key: send e.g. 'C major', 'F# minor', 'Am' or 'Bbmaj'.")
+    if " ".join(text.split()).lower() != key.lower():
+        warnings.append(f"key_scale {text!r} was read as {key!r}.")
+    return key
 
 
 def _time_signature(value: Any) -> str | None:
@@ -242,19 +248,20 @@ def _int(value: Any, name: str, code: str = "invalid_parameter") -> int | None:
     raise ApiError(code, f"{name} {str(value)[:20]!r} must be a whole number.")
 
 
-def _float(value: Any, name: str, minimum: float | None = None, maximum: float | None = None) -> float | None:
+def _float(value: Any, name: str, minimum: float | None = None, maximum: float | None = None,
+           code: str = "invalid_parameter") -> float | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, bool):
-        raise ApiError("invalid_parameter", f"{name} must be a number.")
+        raise ApiError(code, f"{name} must be a number.")
     try:
         number = float(value)
     except OverflowError:
-        raise ApiError("invalid_parameter", f"{name} is far too large; send an ordinary number.") from None
+        raise ApiError(code, f"{name} is far too large; send an ordinary number.") from None
     except (TypeError, ValueError):
-        raise ApiError("invalid_parameter", f"{name} {str(value)[:20]!r} must be a number.") from None
+        raise ApiError(code, f"{name} {str(value)[:20]!r} must be a number.") from None
     if number != number or number in (float("inf"), float("-inf")):
-        raise ApiError("invalid_parameter", f"{name} must be a finite number.")
+        raise ApiError(code, f"{name} must be a finite number.")
     if minimum is not None and number < minimum:
         raise ApiError("invalid_parameter", f"{name} {number:g} is below its minimum {minimum:g}.")
     if maximum is not None and number > maximum:

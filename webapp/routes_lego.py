@@ -253,6 +253,8 @@ def status_body(job: Job) -> dict:
 def lego_audio(task_id: str):
     job = _job_or_error(task_id)
     if job.state is not JobState.COMPLETED:
+        if job.state is JobState.CANCELLED:
+            raise ApiError("job_cancelled", f"The job was cancelled ({job.cancel_reason or 'by request'}) and has no audio; send it again.")
         if job.finished:
             raise ApiError("task_not_completed", f"The task has no result: it {job.state.value}"
                                                  f" ({job.error.code if job.error else 'unknown'}).", retryable=False)

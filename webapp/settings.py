@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
-from runner.contract import STEPS_RANGE, speedup_names
+from runner.contract import DEFAULT_MAX_DURATION_S, STEPS_RANGE, speedup_names
 
 FIELD_LIMIT_BYTES = 256 * 1024  # one text field (multipart) or one JSON value other than the audio
 FLOAT32_STEREO_48K_BYTES_PER_S = 48000 * 2 * 4
@@ -135,7 +135,7 @@ REGISTRY: tuple[Setting, ...] = (
             "Host-wide lock file (flock) that serialises GPU use when `QUEUE_URL` is unset; every service on the host must name the same file."),
     Setting("API_KEY", "secret", "", "When set, every endpoint but `/health` and `/` needs `Authorization: Bearer KEY` or `X-API-Key: KEY`."),
     Setting("MAX_UPLOAD_MB", "float", "100", "Largest request body in MB (base64 JSON included), refused before it is read.", 0.01, 4096),
-    Setting("MAX_DURATION_S", "float", "240", "Longest source audio accepted, in seconds.", 1, 3600),
+    Setting("MAX_DURATION_S", "float", f"{DEFAULT_MAX_DURATION_S:g}", "Longest source audio accepted, in seconds.", 1, 3600),
     Setting("MIN_DURATION_S", "float", "1", "Shortest source audio accepted, in seconds.", 0.01, 3600),
     Setting("MAX_DECODED_MB", "float", "200",
             "Largest decoded source in MB (sample rate x channels x duration as 32-bit float), refused before decoding; must hold `MAX_DURATION_S` of 48 kHz stereo.", 1, 16384),
@@ -264,7 +264,7 @@ class Settings:
         ckpt: Path = self.acestep_checkpoints
         if not ckpt.is_dir():
             raise SettingsError(
-                f"ACESTEP_CHECKPOINTS={ckpt} is not a folder; download the weights (`python -m runner download {ckpt}`) "
+                f"ACESTEP_CHECKPOINTS={ckpt} is not a folder; download the weights (`.venv/bin/python -m runner download {ckpt}`) "
                 f"or build the demo checkpoint (`python -m runner make-tiny-checkpoint {ckpt}`), or point the variable at them.")
         if not os.access(ckpt, os.R_OK | os.X_OK):
             raise SettingsError(f"ACESTEP_CHECKPOINTS={ckpt} is not readable by this user; fix its permissions.")
