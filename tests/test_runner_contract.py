@@ -93,7 +93,7 @@ def test_job_states_refuse_illegal_moves(make_app):
     task = client.post("/lego", json={"audio_data": base64.b64encode(wav_bytes(2.0)).decode(), "track_name": "drums",
                                       "bpm": 100}).get_json()["task_id"]
     job = app.extensions["acestep"].jobs.get(task)
-    wait_for(lambda: job.finished, what="the job")
+    wait_for(lambda: job.done.is_set(), what="the job")  # set once the finished record is saved
     assert job.state is JobState.COMPLETED
     for state in JobState:
         with pytest.raises(IllegalTransition):

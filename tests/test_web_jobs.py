@@ -277,7 +277,8 @@ def test_results_expire_with_their_files(make_app):
     data_dir = app.extensions["acestep"].settings.data_dir
     assert (data_dir / "jobs" / task / "out").is_dir()
     wait_for(lambda: client.get(f"/lego/status/{task}").status_code == 404, timeout=5, what="expiry")
-    assert files_under(data_dir / "jobs") == []
+    # the record goes first, its files right after (the janitor deletes them outside the store's lock)
+    wait_for(lambda: files_under(data_dir / "jobs") == [], timeout=5, what="the expired job's files to go")
 
 
 def test_leftovers_of_a_previous_process_are_removed_at_start(make_app, web_env):
