@@ -61,8 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--size", choices=("tiny", "full"), default="tiny",
                       help="full: the real base model's sizes (GB; for GPU benchmarks)")
 
-    download = sub.add_parser("download", help="download the real base-model weights through huggingface_hub")
+    download = sub.add_parser("download", help="download the real base-model weights through huggingface_hub",
+                              description="Fetch ACE-Step's base-model weights; for the diffusers engine (the default "
+                                          "outside the Docker image) convert them into DIR, keeping the download in DIR-acestep.")
     download.add_argument("dir", type=Path)
+    download.add_argument("--engine", choices=("diffusers", "acestep"), default=env.get("ACESTEP_ENGINE") or "diffusers",
+                          help="the engine the weights are for (default ACESTEP_ENGINE or diffusers)")
+
+    convert = sub.add_parser("convert", help="convert ACE-Step's checkpoint layout to a diffusers pipeline folder",
+                             description="Write a diffusers AceStepPipeline folder DST from ACE-Step's layout in SRC "
+                                         "(acestep-v15-base/, vae/, Qwen3-Embedding-0.6B/). DST must be new or empty.")
+    convert.add_argument("src", type=Path)
+    convert.add_argument("dst", type=Path)
 
     check = sub.add_parser("check", help="say what a checkpoint folder is and whether it is complete")
     check.add_argument("dir", type=Path, nargs="?", default=Path(env.get("ACESTEP_CHECKPOINTS") or DEFAULT_CHECKPOINTS))
@@ -150,7 +160,11 @@ def _dispatch(args, events: EventStream) -> int:
     if args.command == "download":
         from runner.download import download
 
-        return download(args.dir, events)
+        return download(args.dir, events, engine=args.engine)
+    if args.command == "convert":
+        from runner.download import convert_checkpoint
+
+        return convert_checkpoint(args.src, args.dst, events)
     if args.command == "check":
         from runner.check import check
 

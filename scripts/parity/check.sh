@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# `make parity-check ACESTEP_SRC=/path/to/official/ACE-Step-1.5`: the same lego jobs through both engines.
+#
+# The acestep engine runs in the image's environment (PARITY_ENV: transformers 4.57, the official code
+# from ACESTEP_SRC on PYTHONPATH), the diffusers engine in .venv (diffusers 0.42.1, transformers 5).
+# A tiny ACE-Step-layout checkpoint is built at run time from the checkout's own model classes and
+# converted with `python -m runner convert`; every job runs through the real `python -m runner lego`,
+# and the final latents, the stems and the written files are compared. Nothing is written into the
+# repository: everything lives under PARITY_WORK (a new temporary folder by default).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$(pwd)
+src=${ACESTEP_SRC:?set ACESTEP_SRC to an official ACE-Step 1.5 checkout}
+src=$(cd "$src" && pwd)
+[ -f "$src/acestep/models/base/modeling_acestep_v15_base.py" ] || { echo "$src is not an ACE-Step 1.5 checkout" >&2; exit 2; }
+venv_py=${VENV:-.venv}/bin/python
+env_dir=${PARITY_ENV:-.parity-env}
+[ -x "$env_dir/bin/python" ] || scripts/parity/build_env.sh "$env_dir"
+image_py="$env_dir/bin/python"
+work=${PARITY_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/acestep-parity.XXXXXX")}
+mkdir -p "$work"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 ACESTEP_INIT_LLM=false
+echo "parity check: official code $src ($(git -C "$src" rev-parse HEAD 2>/dev/null || echo 'no git metadata')), work folder $work"
+echo "image environment $env_dir: $("$image_py" -c 'import torch, transformers, diffusers; print("torch", torch.__version__, "transformers", transformers.__version__, "diffusers", diffusers.__version__)' 2>/dev/null)"
+echo ".venv: $("$venv_py" -c 'import torch, transformers, diffusers; print("torch", torch.__version__, "transformers", transformers.__version__, "diffusers", diffusers.__version__)' 2>/dev/null)"
+
+"$venv_py" -c "from runner.random_checkpoint import write_acestep_layout; write_acestep_layout('$work/project-acestep')" 2>/dev/null
+"$image_py" scripts/parity/official_checkpoint.py "$src" "$work/acestep" --project-layout "$work/project-acestep" 2>/dev/null
+"$venv_py" -m runner convert "$work/acestep" "$work/diffusers" 2>/dev/null | tail -1
+"$venv_py" - "$work" <<'EOF'
+import sys
+import numpy as np, soundfile as sf
+work = sys.argv[1]
+rng = np.random.default_rng(7)
+for name, rate, seconds in (("source", 44100, 7.3), ("short", 48000, 3.0), ("long", 48000, 17.0)):
+    t = np.arange(int(rate * seconds)) / rate
+    tone = 0.4 * np.sin(2 * np.pi * 196 * t) * (1 + np.sin(2 * np.pi * 1.6 * t)) / 2
+    audio = np.stack([tone + 0.02 * rng.standard_normal(t.size), 0.8 * tone + 0.02 * rng.standard_normal(t.size)], 1)
+    sf.write(f"{work}/{name}.wav", audio.astype(np.float32), rate, subtype="FLOAT")
+EOF
+
+status=0
+job() {  # label tolerance source batch dtype
+  local label=$1 tolerance=$2 source=$3 batch=$4 dtype=$5
+  local args=(lego --source "$work/$source.wav" --track backing_vocals --bpm 96 --key "F# minor" --time-signature 4/4
+              --seed 1234 --steps 8 --batch-size "$batch" --device cpu --dtype "$dtype" --format wav)
+  mkdir -p "$work/$label/acestep" "$work/$label/diffusers"
+  PYTHONPATH="$root:$src" "$image_py" scripts/parity/run_job.py "$work/$label/acestep/capture.npz" -- "${args[@]}" \
+    --engine acestep --checkpoints "$work/acestep" --out "$work/$label/acestep" > "$work/$label/acestep/events.jsonl" 2> "$work/$label/acestep/stderr.log" \
+    || { echo "[$label] the acestep engine failed:"; tail -5 "$work/$label/acestep/stderr.log"; status=1; return; }
+  "$venv_py" scripts/parity/run_job.py "$work/$label/diffusers/capture.npz" -- "${args[@]}" \
+    --engine diffusers --checkpoints "$work/diffusers" --out "$work/$label/diffusers" > "$work/$label/diffusers/events.jsonl" 2> "$work/$label/diffusers/stderr.log" \
+    || { echo "[$label] the diffusers engine failed:"; tail -5 "$work/$label/diffusers/stderr.log"; status=1; return; }
+  "$venv_py" scripts/parity/compare.py "$label" "$tolerance" "$work/$label/acestep" "$work/$label/diffusers" || status=1
+}
+
+job float32-7.3s-44k-batch2 0 source 2 float32
+job float32-3s-under-5.12s 0 short 1 float32
+job float32-17s-two-pieces 0 long 1 float32
+# Reduced precision: each engine rounds in its own places (and ACE-Step keeps its VAE in float32 on
+# the CPU where diffusers' follows the pipeline's dtype), so agreement is within a tolerance: the
+# largest difference relative to the larger peak.
+job bfloat16-7.3s-44k-batch2 "${PARITY_BF16_TOLERANCE:-0.1}" source 2 bfloat16
+echo "parity check: $([ $status -eq 0 ] && echo PASS || echo FAIL) (work folder $work)"
+exit $status

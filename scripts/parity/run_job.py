@@ -1,0 +1,70 @@
+"""Run `python -m runner ARGS...` in this process and keep what the parity check compares.
+
+Usage: python scripts/parity/run_job.py CAPTURE.npz -- lego --engine ... (any runner arguments)
+
+Saved in CAPTURE.npz: `latents`, every input of the VAE decoder (the final latents of each call,
+[batch, 64, frames]); `source_samples`, every posterior sample of the VAE encoder; `stems`, the float
+stems the engine returned (48 kHz, before cropping). Works with either engine in either environment:
+it wraps diffusers' AutoencoderOobleck, which both ACE-Step and diffusers' pipeline decode with.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    import numpy as np
+    from diffusers import AutoencoderOobleck
+    from diffusers.models.autoencoders import autoencoder_oobleck
+
+    import runner.lego
+    from runner.cli import main as runner_main
+
+    capture, separator, *argv = sys.argv[1:]
+    assert separator == "--", __doc__
+    seen = {"latents": [], "source_samples": [], "stems": []}
+    decode, sample, generate = AutoencoderOobleck.decode, autoencoder_oobleck.OobleckDiagonalGaussianDistribution.sample, runner.lego._generate
+
+    def recording_decode(self, z, *args, **kwargs):
+        seen["latents"].append(z.detach().float().cpu().numpy())
+        return decode(self, z, *args, **kwargs)
+
+    def recording_sample(self, *args, **kwargs):
+        value = sample(self, *args, **kwargs)
+        seen["source_samples"].append(value.detach().float().cpu().numpy())
+        return value
+
+    def recording_generate(*args, **kwargs):
+        stems = generate(*args, **kwargs)
+        seen["stems"].append(np.stack(stems))
+        return stems
+
+    import diffusers
+    import runner.device
+
+    if not hasattr(diffusers, "AceStepPipeline"):
+        # The runner of this commit imports diffusers.AceStepPipeline for its import timing whatever the
+        # engine (issue 8, item 1, fixed on its own branch); the image's diffusers 0.37.1 has none.
+        def import_torch_only() -> float:
+            import torch  # noqa: F401
+
+            return 0.0
+
+        runner.device.import_torch_seconds = import_torch_only
+        runner.lego.placement.import_torch_seconds = import_torch_only
+        print("[parity] image environment: the runner's diffusers import timing is skipped (issue 8, item 1)", file=sys.stderr)
+    AutoencoderOobleck.decode = recording_decode
+    autoencoder_oobleck.OobleckDiagonalGaussianDistribution.sample = recording_sample
+    runner.lego._generate = recording_generate
+    status = runner_main(argv)
+    np.savez(capture, **{key: np.concatenate(value, axis=-1) if key == "source_samples" else value[-1]
+                         for key, value in seen.items() if value})
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
