@@ -145,8 +145,8 @@ def run_lego(args: LegoArgs, events: EventStream, cache: EngineCache) -> dict:
         quality.check_stems(stems, job.source, "float32")
 
     stems = [repaint_window.apply(stem, window, audio_io.MODEL_RATE) for stem in stems]
-    settings = sampling.settings_for(seed, args.batch_size, args.time_signature, job.source.shape[-1],
-                                     (chosen.gpu_total_bytes or 0) / 1024**3 if loaded.device == "cuda" else 0.0)
+    settings = sampling.settings_for(seed, args.batch_size, args.time_signature, job.source.shape[-1], loaded.device,
+                                     (chosen.gpu_total_bytes or 0) / 1024**3, (chosen.compute_capability or (0, 0)) >= (8, 0))
     events.stage("writing")
     t = time.perf_counter()
     outputs = _write(stems, args, source, seed)

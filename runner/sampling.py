@@ -38,6 +38,9 @@ Decided here, because the engines differ otherwise (issue 13 measured each):
   encoded: the silence latent stands in (conditioning_target.py:89-91).
 - Candidate noise: one torch.Generator per candidate on the job's device, seeded `seed + i`
   (the official prepare_noise, models/base/modeling_acestep_v15_base.py:1783-1818).
+- The VAE's precision is ACE-Step's, whatever the job's (core/generation/handler/memory_utils.py:199-215):
+  float32 on the CPU; on CUDA bfloat16 from compute capability 8.0, else float16 (a T4). The posterior
+  noise is drawn in that precision, so this decides the source's sample, not only its rounding.
 - Decoding: candidate by candidate, in pieces of `decode_tile_frames` latent frames overlapping by 64
   (core/generation/handler/vae_decode_chunks.py:13-57, memory_utils.py:81-116): 256 on the CPU; on CUDA
   512, 384, 256 or 128 as the free memory at that moment is 24, 16, 12 GiB or less. Both engines read
@@ -102,6 +105,7 @@ class Sampling:
     candidate_seeds: tuple[int, ...]
     source_sample_seed: int
     source_tile_seconds: int
+    vae_dtype: str
 
     def event_fields(self) -> dict:
         """What the result event reports."""
@@ -147,6 +151,12 @@ def source_sample_seed(seed: int) -> int:
 def source_tile_seconds(gpu_total_gib: float) -> int:
     """The official's piece length: 15 s without a GPU or with 8 GiB or less, else 30 s."""
     return TILE_SECONDS_SMALL_GPU if gpu_total_gib <= TILE_SMALL_GPU_GIB else TILE_SECONDS
+
+
+def vae_dtype(device: str, cuda_supports_bfloat16: bool) -> str:
+    if device != "cuda":
+        return "float32"
+    return "bfloat16" if cuda_supports_bfloat16 else "float16"
 
 
 def decode_tile_frames(free_cuda_gib: float | None) -> int:
@@ -197,8 +207,9 @@ def is_silent(audio: np.ndarray) -> bool:
 
 
 def settings_for(seed: int, batch_size: int, time_signature_value: str | None, source_samples: int,
-                 gpu_total_gib: float = 0.0) -> Sampling:
-    """The sampling of one job; `source_samples` may be before or after padding (the same frames follow)."""
+                 device: str = "cpu", gpu_total_gib: float = 0.0, cuda_bfloat16: bool = False) -> Sampling:
+    """The sampling of one job; `source_samples` may be before or after padding (the same frames follow).
+    `device`, the GPU's total memory and its bfloat16 support decide the source's pieces and the VAE's precision."""
     frames = latent_frames(source_samples)
     seconds = frames * LATENT_SAMPLES / SAMPLE_RATE
     return Sampling(
@@ -207,5 +218,6 @@ def settings_for(seed: int, batch_size: int, time_signature_value: str | None, s
         infer_method=INFER_METHOD, sampler_mode=SAMPLER_MODE, time_signature=time_signature(time_signature_value),
         latent_frames=frames, duration_seconds=seconds, duration_line=duration_line(seconds),
         candidate_seeds=candidate_seeds(seed, batch_size), source_sample_seed=source_sample_seed(seed),
-        source_tile_seconds=source_tile_seconds(gpu_total_gib),
+        source_tile_seconds=source_tile_seconds(gpu_total_gib if device == "cuda" else 0.0),
+        vae_dtype=vae_dtype(device, cuda_bfloat16),
     )

@@ -31,6 +31,12 @@ def gpu_total_gib(device: str) -> float:
     return torch.cuda.get_device_properties(0).total_memory / 1024**3
 
 
+def _cuda_supports_bfloat16(device: str) -> bool:
+    import torch
+
+    return device == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] >= 8
+
+
 def free_cuda_gib(device: str) -> float | None:
     """The official's "effective free VRAM" (acestep/gpu_config.py get_effective_free_vram_gb): free on the
     device plus what torch's cache holds unused; None on the CPU."""
@@ -147,6 +153,8 @@ class DiffusersEngine:
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise checkpoint_error("checkpoint_unloadable", f"The diffusers checkpoint in {checkpoints} could not be loaded: {exc}") from exc
         pipe.set_progress_bar_config(disable=True)
+        # ACE-Step's VAE precision, whatever the job's (runner.sampling): it decides the source's sample.
+        pipe.vae.to(dtype=getattr(torch, sampling.vae_dtype(options.device, _cuda_supports_bfloat16(options.device))))
         pipe.vae.enable_tiling()
         if options.device == "cuda" and options.offload:
             pipe.enable_model_cpu_offload()
@@ -156,8 +164,9 @@ class DiffusersEngine:
         self.pipe, self.options = pipe, options
 
     def sampling_for(self, job: LegoJob) -> sampling.Sampling:
-        return sampling.settings_for(job.seed, job.batch_size, job.time_signature, job.source.shape[-1],
-                                     gpu_total_gib(self.options.device))
+        device = self.options.device
+        return sampling.settings_for(job.seed, job.batch_size, job.time_signature, job.source.shape[-1], device,
+                                     gpu_total_gib(device), _cuda_supports_bfloat16(device))
 
     def generate(self, job: LegoJob, on_stage: StageCallback, on_step: StepCallback) -> list[np.ndarray]:
         import torch

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `make parity-check ACESTEP_SRC=/path/to/official/ACE-Step-1.5`: the same lego jobs through both engines.
 #
-# The acestep engine runs in the image's environment (PARITY_ENV: transformers 4.57, the official code
-# from ACESTEP_SRC on PYTHONPATH), the diffusers engine in .venv (diffusers 0.42.1, transformers 5).
+# The acestep engine runs in the image's environment (PARITY_ENV, what `make image-env` builds:
+# transformers 4.57, diffusers 0.37.1, the official code from ACESTEP_SRC on PYTHONPATH), the diffusers engine in .venv (diffusers 0.42.1, transformers 5).
 # A tiny ACE-Step-layout checkpoint is built at run time from the checkout's own model classes and
 # converted with `python -m runner convert`; every job runs through the real `python -m runner lego`,
 # and the final latents, the stems and the written files are compared. Nothing is written into the
@@ -13,10 +13,10 @@ root=$(pwd)
 src=${ACESTEP_SRC:?set ACESTEP_SRC to an official ACE-Step 1.5 checkout}
 src=$(cd "$src" && pwd)
 [ -f "$src/acestep/models/base/modeling_acestep_v15_base.py" ] || { echo "$src is not an ACE-Step 1.5 checkout" >&2; exit 2; }
-venv_py=${VENV:-.venv}/bin/python
-env_dir=${PARITY_ENV:-.parity-env}
-[ -x "$env_dir/bin/python" ] || scripts/parity/build_env.sh "$env_dir"
-image_py="$env_dir/bin/python"
+venv_py=$root/${VENV:-.venv}/bin/python
+env_dir=${PARITY_ENV:-.image-env}
+[ -x "$env_dir/bin/python" ] || { echo "no image environment in $env_dir: run make image-env (IMAGE_ENV=$env_dir)" >&2; exit 2; }
+image_py="$(cd "$env_dir" && pwd)/bin/python"
 work=${PARITY_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/acestep-parity.XXXXXX")}
 mkdir -p "$work"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 ACESTEP_INIT_LLM=false
@@ -45,8 +45,9 @@ job() {  # label tolerance source batch dtype
   local args=(lego --source "$work/$source.wav" --track backing_vocals --bpm 96 --key "F# minor" --time-signature 4/4
               --seed 1234 --steps 8 --batch-size "$batch" --device cpu --dtype "$dtype" --format wav)
   mkdir -p "$work/$label/acestep" "$work/$label/diffusers"
-  PYTHONPATH="$root:$src" "$image_py" scripts/parity/run_job.py "$work/$label/acestep/capture.npz" -- "${args[@]}" \
-    --engine acestep --checkpoints "$work/acestep" --out "$work/$label/acestep" > "$work/$label/acestep/events.jsonl" 2> "$work/$label/acestep/stderr.log" \
+  # From the work folder: ACE-Step writes a .cache/ folder into the current one.
+  (cd "$work" && PYTHONPATH="$root:$src" "$image_py" "$root/scripts/parity/run_job.py" "$work/$label/acestep/capture.npz" -- "${args[@]}" \
+    --engine acestep --checkpoints "$work/acestep" --out "$work/$label/acestep" > "$work/$label/acestep/events.jsonl" 2> "$work/$label/acestep/stderr.log") \
     || { echo "[$label] the acestep engine failed:"; tail -5 "$work/$label/acestep/stderr.log"; status=1; return; }
   "$venv_py" scripts/parity/run_job.py "$work/$label/diffusers/capture.npz" -- "${args[@]}" \
     --engine diffusers --checkpoints "$work/diffusers" --out "$work/$label/diffusers" > "$work/$label/diffusers/events.jsonl" 2> "$work/$label/diffusers/stderr.log" \

@@ -2,10 +2,11 @@
 
 Usage: python scripts/parity/run_job.py CAPTURE.npz -- lego --engine ... (any runner arguments)
 
-Saved in CAPTURE.npz: `latents`, every input of the VAE decoder (the final latents of each call,
-[batch, 64, frames]); `source_samples`, every posterior sample of the VAE encoder; `stems`, the float
-stems the engine returned (48 kHz, before cropping). Works with either engine in either environment:
-it wraps diffusers' AutoencoderOobleck, which both ACE-Step and diffusers' pipeline decode with.
+Saved in CAPTURE.npz: `latents`, the inputs of every VAE decoder call (the final latents, piece by
+piece and candidate by candidate, joined along time); `source_samples`, every posterior sample of the
+VAE encoder, joined the same way; `stems`, the float stems the engine returned (48 kHz, uncropped). Works with either engine in either environment:
+it wraps the decoder and the posterior of diffusers' AutoencoderOobleck, which both ACE-Step and
+diffusers' pipeline use (each decoder call is one piece of one candidate, whoever does the tiling).
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> int:
     import numpy as np
-    from diffusers import AutoencoderOobleck
     from diffusers.models.autoencoders import autoencoder_oobleck
 
     import runner.lego
@@ -27,7 +27,8 @@ def main() -> int:
     capture, separator, *argv = sys.argv[1:]
     assert separator == "--", __doc__
     seen = {"latents": [], "source_samples": [], "stems": []}
-    decode, sample, generate = AutoencoderOobleck.decode, autoencoder_oobleck.OobleckDiagonalGaussianDistribution.sample, runner.lego._generate
+    decoder = autoencoder_oobleck.OobleckDecoder
+    decode, sample, generate = decoder.forward, autoencoder_oobleck.OobleckDiagonalGaussianDistribution.sample, runner.lego._generate
 
     def recording_decode(self, z, *args, **kwargs):
         seen["latents"].append(z.detach().float().cpu().numpy())
@@ -57,12 +58,13 @@ def main() -> int:
         runner.device.import_torch_seconds = import_torch_only
         runner.lego.placement.import_torch_seconds = import_torch_only
         print("[parity] image environment: the runner's diffusers import timing is skipped (issue 8, item 1)", file=sys.stderr)
-    AutoencoderOobleck.decode = recording_decode
+    decoder.forward = recording_decode
     autoencoder_oobleck.OobleckDiagonalGaussianDistribution.sample = recording_sample
     runner.lego._generate = recording_generate
     status = runner_main(argv)
-    np.savez(capture, **{key: np.concatenate(value, axis=-1) if key == "source_samples" else value[-1]
-                         for key, value in seen.items() if value})
+    # Decoder and encoder calls (pieces, candidates) joined end to end in call order; the last job's stems.
+    np.savez(capture, latents=np.concatenate(seen["latents"], axis=-1), source_samples=np.concatenate(seen["source_samples"], axis=-1),
+             stems=seen["stems"][-1])
     return status
 
 
