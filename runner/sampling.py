@@ -18,10 +18,12 @@ for the lego task on the base model. Line numbers refer to the official `main` a
 - lyrics language "en": release_task_request_builder.py:55 (the Python API's default is "unknown",
   inference.py:117); lyrics "" (wordless stems, the lyric encoder sees "# Lyric\\n").
 - guidance interval 0..1, APG without ADG, the ODE Euler sampler: release_task_request_builder.py:79-82.
+  Only the full interval means the same on both: diffusers 0.42.1 tests it on 1 - t, ACE-Step on t.
 - time signature as beats per bar ("4", not "4/4"): the official UI offers only "2", "3", "4", "6"
   (acestep/ui/gradio/interfaces/generation_tab_optional_controls.py:52-53).
 
-Decided here, because the engines differ otherwise (issue 13 measured each):
+Decided here, because the engines differ otherwise (issue 13 measured each). runner/lego.py hands
+both engines the source through `model_source`:
 - Source padding: the 48 kHz source, clamped to [-1, 1] as ACE-Step's reader does
   (core/generation/handler/io_audio.py:88), is padded with silence to a whole, even number of
   latent frames (the DiT patches two) and at least MIN_LATENT_FRAMES. The official pads its *latents*

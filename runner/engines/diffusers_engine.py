@@ -144,17 +144,18 @@ class DiffusersEngine:
         import torch
         from diffusers import AceStepPipeline
 
-        dtype = getattr(torch, options.dtype)
+        # The VAE in ACE-Step's precision, whatever the job's (runner.sampling): it decides the source's
+        # sample. Loaded so, not cast afterwards, which would round its weights through the job's dtype.
+        vae_dtype = getattr(torch, sampling.vae_dtype(options.device, _cuda_supports_bfloat16(options.device)))
+        dtypes = {"default": getattr(torch, options.dtype), "vae": vae_dtype}
         try:
             # The audio tokenizer/detokenizer serve only audio-code covers, never lego.
             pipe = AceStepPipeline.from_pretrained(
-                str(checkpoints), torch_dtype=dtype, audio_tokenizer=None, audio_token_detokenizer=None
+                str(checkpoints), dtype=dtypes, audio_tokenizer=None, audio_token_detokenizer=None
             )
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise checkpoint_error("checkpoint_unloadable", f"The diffusers checkpoint in {checkpoints} could not be loaded: {exc}") from exc
         pipe.set_progress_bar_config(disable=True)
-        # ACE-Step's VAE precision, whatever the job's (runner.sampling): it decides the source's sample.
-        pipe.vae.to(dtype=getattr(torch, sampling.vae_dtype(options.device, _cuda_supports_bfloat16(options.device))))
         pipe.vae.enable_tiling()
         if options.device == "cuda" and options.offload:
             pipe.enable_model_cpu_offload()
