@@ -2,7 +2,8 @@
 # `make parity-check ACESTEP_SRC=/path/to/official/ACE-Step-1.5`: the same lego jobs through both engines.
 #
 # The acestep engine runs in the image's environment (PARITY_ENV, what `make image-env` builds:
-# transformers 4.57, diffusers 0.37.1, the official code from ACESTEP_SRC on PYTHONPATH), the diffusers engine in .venv (diffusers 0.42.1, transformers 5).
+# transformers 4.57, diffusers 0.37.1, the official code from ACESTEP_SRC on PYTHONPATH), the
+# diffusers engine in .venv (diffusers 0.42.1, transformers 5).
 # A tiny ACE-Step-layout checkpoint is built at run time from the checkout's own model classes and
 # converted with `python -m runner convert`; every job runs through the real `python -m runner lego`,
 # and the final latents, the stems and the written files are compared. Nothing is written into the
@@ -28,7 +29,7 @@ step() {  # a setup step: its stderr goes to a log, shown when it fails
   "$@" 2> "$work/setup.log" || { echo "failed: $*" >&2; tail -20 "$work/setup.log" >&2; exit 1; }
 }
 step "$venv_py" -c "from runner.random_checkpoint import write_acestep_layout; write_acestep_layout('$work/project-acestep')"
-step env PYTHONPATH="$root" "$image_py" scripts/parity/official_checkpoint.py "$src" "$work/acestep" --project-layout "$work/project-acestep"
+step env PYTHONPATH="$root:$src" "$image_py" scripts/parity/official_checkpoint.py "$src" "$work/acestep" --project-layout "$work/project-acestep"
 step "$venv_py" -m runner convert "$work/acestep" "$work/diffusers"
 "$venv_py" - "$work" <<'EOF'
 import sys

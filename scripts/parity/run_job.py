@@ -44,24 +44,12 @@ def main() -> int:
         seen["stems"].append(np.stack(stems))
         return stems
 
-    import diffusers
-    import runner.device
-
-    if not hasattr(diffusers, "AceStepPipeline"):
-        # The runner of this commit imports diffusers.AceStepPipeline for its import timing whatever the
-        # engine (issue 8, item 1, fixed on its own branch); the image's diffusers 0.37.1 has none.
-        def import_torch_only() -> float:
-            import torch  # noqa: F401
-
-            return 0.0
-
-        runner.device.import_torch_seconds = import_torch_only
-        runner.lego.placement.import_torch_seconds = import_torch_only
-        print("[parity] image environment: the runner's diffusers import timing is skipped (issue 8, item 1)", file=sys.stderr)
     decoder.forward = recording_decode
     autoencoder_oobleck.OobleckDiagonalGaussianDistribution.sample = recording_sample
     runner.lego._generate = recording_generate
     status = runner_main(argv)
+    if status != 0:
+        return status
     # Decoder and encoder calls (pieces, candidates) joined end to end in call order; the last job's stems.
     np.savez(capture, latents=np.concatenate(seen["latents"], axis=-1), source_samples=np.concatenate(seen["source_samples"], axis=-1),
              stems=seen["stems"][-1])
