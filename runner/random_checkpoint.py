@@ -220,3 +220,14 @@ def write_checkpoint(dest: Path, size: str = "tiny", seed: int = 0, device: str 
         conversion.convert(source, dest)
     return dest
 
+
+
+def build_pipeline(size: str = "tiny", seed: int = 0, device: str = "cpu", dtype=None):
+    """The random pipeline in memory, loaded from a converted folder: what the diffusers engine loads."""
+    from diffusers import AceStepPipeline
+
+    with tempfile.TemporaryDirectory(prefix="acestep-random-") as work:
+        folder = write_checkpoint(Path(work) / "pipe", size, seed, device, dtype)
+        pipe = AceStepPipeline.from_pretrained(str(folder), audio_tokenizer=None, audio_token_detokenizer=None,
+                                               **({"dtype": dtype} if dtype is not None else {}))
+    return pipe.to(device)
