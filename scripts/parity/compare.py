@@ -59,6 +59,8 @@ def main(label: str, tolerance: float, acestep: Path, diffusers: Path) -> int:
         if tolerance == 0 and not same:
             failures.append(f"{b_path.name} differs between the engines")
     print(f"[{label}] sampling (both engines' result events): {json.dumps(events[1]['sampling'])}")
+    speedups = (events[1].get("speedups") or {})
+    print(f"[{label}] diffusers engine speed-ups on: {speedups.get('on')}; DiT forwards: {speedups.get('dit_forwards')}")
     for failure in failures:
         print(f"[{label}] FAIL {failure}")
     print(f"[{label}] {'PASS' if not failures else 'FAIL'}")
