@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # the Docker image installs the official repository.
 ACESTEP_FORK := ace-step15-fork==20260212 nano-vllm-fork==20260210
 
-.PHONY: serve test bench install system-deps test-deps image-env official-check
+.PHONY: serve test bench install system-deps test-deps image-env official-check parity-check
 
 install: $(STAMP)
 
@@ -51,3 +51,10 @@ image-env:
 official-check: image-env
 	@test -n "$(ACESTEP_SRC)" || { echo "usage: make official-check ACESTEP_SRC=/path/to/ACE-Step-1.5 [IMAGE_ENV=/path]"; exit 2; }
 	PYTHONPATH=$(abspath $(ACESTEP_SRC)):$(CURDIR) $(IMAGE_ENV)/bin/python -m checks.official --acestep-src $(abspath $(ACESTEP_SRC))
+
+# The same lego jobs through both engines, compared (float32: bit-identical): the acestep engine in
+# the image's environment (IMAGE_ENV, as official-check), the diffusers engine in .venv, on a tiny
+# checkpoint built from an official ACE-Step checkout's own classes (never copied here).
+parity-check: install image-env
+	@test -n "$(ACESTEP_SRC)" || { echo "usage: make parity-check ACESTEP_SRC=/path/to/ACE-Step-1.5 [IMAGE_ENV=/path]"; exit 2; }
+	ACESTEP_SRC="$(abspath $(ACESTEP_SRC))" PARITY_ENV="$(IMAGE_ENV)" VENV="$(VENV)" scripts/parity/check.sh

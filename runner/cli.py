@@ -69,10 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     download = sub.add_parser(
         "download", help="download the real base-model weights through huggingface_hub",
         description="Download the ACE-Step 1.5 base model's weights (about 6 GB: the base DiT acestep-v15-base, "
-                    "the VAE and Qwen3-Embedding-0.6B; never the language model) into DIR. Resumable: run it "
+                    "the VAE and Qwen3-Embedding-0.6B; never the language model). For the diffusers engine (the "
+                    "default outside the Docker image) they are then converted into DIR, the download kept in "
+                    "DIR-acestep; for --engine acestep they stay in ACE-Step's layout in DIR. Resumable: run it "
                     "again after a failure and it continues, skipping finished files. HF_TOKEN is sent "
                     "when set (these repositories are public: it is not needed); HF_ENDPOINT points at a mirror.")
     download.add_argument("dir", type=Path, help="the checkpoint folder to fill (created if missing), e.g. ./checkpoints")
+    download.add_argument("--engine", choices=("diffusers", "acestep"), default=env.get("ACESTEP_ENGINE") or "diffusers",
+                          help="the engine the weights are for (default ACESTEP_ENGINE or diffusers)")
+
+    convert = sub.add_parser("convert", help="convert ACE-Step's checkpoint layout to a diffusers pipeline folder",
+                             description="Write a diffusers AceStepPipeline folder DST from ACE-Step's layout in SRC "
+                                         "(acestep-v15-base/, vae/, Qwen3-Embedding-0.6B/). DST must be new or empty.")
+    convert.add_argument("src", type=Path, help="a folder in ACE-Step's layout, e.g. what `download --engine acestep` wrote")
+    convert.add_argument("dst", type=Path, help="the diffusers pipeline folder to write (new or empty)")
 
     check = sub.add_parser("check", help="say what a checkpoint folder is and whether it is complete")
     check.add_argument("dir", type=Path, nargs="?", default=Path(env.get("ACESTEP_CHECKPOINTS") or DEFAULT_CHECKPOINTS),
@@ -162,7 +172,11 @@ def _dispatch(args, events: EventStream) -> int:
     if args.command == "download":
         from runner.download import download
 
-        return download(args.dir, events)
+        return download(args.dir, events, engine=args.engine)
+    if args.command == "convert":
+        from runner.download import convert_checkpoint
+
+        return convert_checkpoint(args.src, args.dst, events)
     if args.command == "check":
         from runner.check import check
 

@@ -15,6 +15,7 @@ from typing import Optional
 from runner import audio as audio_io
 from runner import device as placement
 from runner import quality
+from runner import sampling
 from runner import window as repaint_window
 from runner.engines import create as create_engine
 from runner.engines.base import LegoJob, LoadOptions
@@ -139,7 +140,7 @@ def run_lego(args: LegoArgs, events: EventStream, cache: EngineCache) -> dict:
     reused = cache.loads == loads_before
     timings["load_s"] = round(time.perf_counter() - t, 3)
     job = LegoJob(
-        source=audio_io.to_model_input(source), track=args.track, bpm=args.bpm,
+        source=sampling.model_source(audio_io.to_model_input(source)), track=args.track, bpm=args.bpm,
         caption=args.caption or DEFAULT_CAPTIONS[args.track], steps=args.steps, batch_size=args.batch_size,
         seed=seed, key=args.key, time_signature=args.time_signature, guidance_scale=args.guidance_scale,
     )
@@ -158,6 +159,8 @@ def run_lego(args: LegoArgs, events: EventStream, cache: EngineCache) -> dict:
         quality.check_stems(stems, job.source, "float32")
 
     stems = [repaint_window.apply(stem, window, audio_io.MODEL_RATE) for stem in stems]
+    settings = sampling.settings_for(seed, args.batch_size, args.time_signature, job.source.shape[-1], loaded.device,
+                                     (chosen.gpu_total_bytes or 0) / 1024**3, (chosen.compute_capability or (0, 0)) >= (8, 0))
     events.stage("writing")
     t = time.perf_counter()
     outputs = _write(stems, args, source, seed)
@@ -177,6 +180,7 @@ def run_lego(args: LegoArgs, events: EventStream, cache: EngineCache) -> dict:
         "retried_in_float32": retried_in_float32,
         "reused_loaded_model": reused,
         "window": window.describe(),
+        "sampling": settings.event_fields(),
         **_engine_details(loaded.engine),
     }
 
@@ -223,7 +227,8 @@ def _write(stems: list, args: LegoArgs, source: audio_io.SourceAudio, seed: int)
     outputs = []
     try:
         for index, stem in enumerate(stems):
-            samples = audio_io.to_source_terms(quality.normalise(stem), source.sample_rate, source.frames)
+            # Normalised after cropping and resampling: audio past the source's end must not set the gain.
+            samples = quality.normalise(audio_io.to_source_terms(stem, source.sample_rate, source.frames))
             path = (args.out / f"{args.track}-{seed}-{index + 1}.{args.format}").resolve()
             audio_io.write_atomic(path, samples, source.sample_rate, args.format)
             written.append(path)

@@ -1,10 +1,13 @@
-"""Randomly initialised ACE-Step 1.5 pipelines of the real architecture, in the diffusers layout.
+"""Randomly initialised ACE-Step 1.5 checkpoints of the real architecture, in either layout.
 
-`tiny` is a few MB and builds in seconds on 2 cores: tests and the demo mode run the real
-diffusers code on it. `full` has the real base model's sizes (DiT hidden 2048 x 24 layers, a
-Qwen3-Embedding-0.6B-sized text encoder, ACE-Step's Oobleck VAE): on a GPU it gives true
-memory and time without the real weights. Both are deterministic for a seed and carry
-DEMO_MARKER so that nobody mistakes random weights for the model.
+`write_acestep_layout` writes ACE-Step's own layout (acestep-v15-base/, vae/, Qwen3-Embedding-0.6B/)
+with the official key names and config fields; `write_checkpoint` converts that with `runner.convert`,
+so a random diffusers folder is, by construction, what the converter makes of the real weights
+(scheduler, configs, the 600 s silence latent). `tiny` is a few MB and builds in seconds on 2 cores:
+tests and the demo mode run the real diffusers code on it. `full` has the real base model's sizes
+(DiT hidden 2048 x 24 layers, a Qwen3-Embedding-0.6B-sized text encoder, ACE-Step's Oobleck VAE):
+on a GPU it gives true memory and time without the real weights. Both are deterministic for a seed
+and carry DEMO_MARKER so that nobody mistakes random weights for the model.
 """
 from __future__ import annotations
 
@@ -14,10 +17,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from runner import convert as conversion
 from runner.layout import DEMO_MARKER
 
 # ACE-Step 1.5's VAE: 48 kHz stereo, 1920 samples per latent frame (25 fps), 64 latent channels.
 VAE_RATIOS = [2, 4, 4, 6, 10]
+LATENT_CHANNELS = 64
 
 SIZES = {
     "tiny": {
@@ -26,9 +31,8 @@ SIZES = {
         "text": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                      head_dim=16, intermediate_size=64),
         "dit": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                    num_key_value_heads=1, head_dim=16),
-        "cond": dict(hidden_size=32, intermediate_size=64, num_lyric_encoder_hidden_layers=1,
-                     num_timbre_encoder_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16),
+                    num_key_value_heads=1, head_dim=16, num_lyric_encoder_hidden_layers=1,
+                    num_timbre_encoder_hidden_layers=1, num_attention_pooler_hidden_layers=1, fsq_dim=32),
         "vocab": None,  # the tokenizer's own small vocabulary
     },
     "full": {
@@ -36,9 +40,8 @@ SIZES = {
         "text": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
                      head_dim=128, intermediate_size=3072),
         "dit": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=24, num_attention_heads=16,
-                    num_key_value_heads=8, head_dim=128),
-        "cond": dict(hidden_size=2048, intermediate_size=6144, num_lyric_encoder_hidden_layers=8,
-                     num_timbre_encoder_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+                    num_key_value_heads=8, head_dim=128, num_lyric_encoder_hidden_layers=8,
+                    num_timbre_encoder_hidden_layers=4, num_attention_pooler_hidden_layers=2, fsq_dim=2048),
         "vocab": 151669,  # Qwen3-Embedding-0.6B's embedding rows
     },
 }
@@ -71,57 +74,103 @@ def build_tokenizer():
                                    model_max_length=4096)
 
 
-def build_pipeline(size: str = "tiny", seed: int = 0, device: str = "cpu", dtype=None):
-    """Construct the pipeline with random weights; `device`/`dtype` let a GPU build the full one fast."""
+def dit_config(size: str) -> dict:
+    """ACE-Step's DiT config.json: the official AceStepConfig's fields (models/common/configuration_acestep_v15.py)."""
+    spec = SIZES[size]["dit"]
+    layers = spec["num_hidden_layers"]
+    return {
+        "architectures": ["AceStepConditionGenerationModel"], "model_type": "acestep", "model_version": "base",
+        "is_turbo": False, "vocab_size": 64003, "fsq_dim": spec["fsq_dim"], "fsq_input_levels": [8, 8, 8, 5, 5, 5],
+        "fsq_input_num_quantizers": 1, "hidden_size": spec["hidden_size"], "intermediate_size": spec["intermediate_size"],
+        "num_hidden_layers": layers, "num_attention_heads": spec["num_attention_heads"],
+        "num_key_value_heads": spec["num_key_value_heads"], "head_dim": spec["head_dim"], "hidden_act": "silu",
+        "max_position_embeddings": 32768, "initializer_range": 0.02, "rms_norm_eps": 1e-6, "use_cache": True,
+        "tie_word_embeddings": True, "rope_theta": 1000000, "rope_scaling": None, "attention_bias": False,
+        "use_sliding_window": True, "sliding_window": 128,
+        "layer_types": ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)],
+        "attention_dropout": 0.0, "num_lyric_encoder_hidden_layers": spec["num_lyric_encoder_hidden_layers"],
+        "audio_acoustic_hidden_dim": LATENT_CHANNELS, "pool_window_size": 5,
+        "text_hidden_dim": SIZES[size]["text"]["hidden_size"], "in_channels": 3 * LATENT_CHANNELS,
+        "data_proportion": 0.5, "timestep_mu": -0.4, "timestep_sigma": 1.0, "timbre_hidden_dim": LATENT_CHANNELS,
+        "num_timbre_encoder_hidden_layers": spec["num_timbre_encoder_hidden_layers"], "timbre_fix_frame": 750,
+        "patch_size": 2, "num_attention_pooler_hidden_layers": spec["num_attention_pooler_hidden_layers"],
+        "num_audio_decoder_hidden_layers": layers,
+    }
+
+
+def _audio_token_configs(dit: dict) -> tuple[dict, dict]:
+    """The audio-code tokenizer/detokenizer's diffusers configs (diffusers' converter's mapping)."""
+    shared = {name: dit[name] for name in ("hidden_size", "intermediate_size", "audio_acoustic_hidden_dim", "pool_window_size",
+                                           "num_attention_pooler_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                           "head_dim", "rope_theta", "attention_bias", "attention_dropout", "rms_norm_eps",
+                                           "sliding_window")}
+    shared["layer_types"] = dit["layer_types"][: dit["num_attention_pooler_hidden_layers"]]
+    tokenizer = dict(shared, fsq_dim=dit["fsq_dim"], fsq_input_levels=dit["fsq_input_levels"],
+                     fsq_input_num_quantizers=dit["fsq_input_num_quantizers"])
+    return tokenizer, shared
+
+
+def silence_latent_of(vae, dtype):
+    """[1, 64, 15000]: the VAE's latent of silence (its posterior mean mid-way through 2 s of zeros), for 600 s."""
     import torch
-    from diffusers import AceStepPipeline, AutoencoderOobleck, FlowMatchEulerDiscreteScheduler
-    from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
-    from diffusers.pipelines.ace_step.modeling_ace_step import AceStepConditionEncoder
+
+    with torch.no_grad():
+        zeros = torch.zeros(1, 2, 2 * 48000, dtype=next(vae.parameters()).dtype, device=next(vae.parameters()).device)
+        mean = vae.encode(zeros).latent_dist.mean
+    frame = mean[:, :, mean.shape[-1] // 2 : mean.shape[-1] // 2 + 1]
+    return frame.repeat(1, 1, conversion.SILENCE_FRAMES).to(device="cpu", dtype=dtype).contiguous()
+
+
+def build_acestep_parts(size: str = "tiny", seed: int = 0, device: str = "cpu", dtype=None) -> dict:
+    """Random-weight modules of every part, built with diffusers/transformers classes on `device`."""
+    import torch
+    from diffusers import AceStepTransformer1DModel, AutoencoderOobleck
+    from diffusers.pipelines.ace_step import AceStepAudioTokenDetokenizer, AceStepAudioTokenizer, AceStepConditionEncoder
     from transformers import Qwen3Config, Qwen3Model
 
     spec = SIZES[size]
+    dit = dit_config(size)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     vocab = spec["vocab"] or len(tokenizer)
+    tokenizer_config, detokenizer_config = _audio_token_configs(dit)
     with torch.device(device):
-        vae = AutoencoderOobleck(downsampling_ratios=VAE_RATIOS, decoder_input_channels=64, audio_channels=2,
+        vae = AutoencoderOobleck(downsampling_ratios=VAE_RATIOS, decoder_input_channels=LATENT_CHANNELS, audio_channels=2,
                                  sampling_rate=48000, **spec["vae"])
-        text_encoder = Qwen3Model(Qwen3Config(vocab_size=vocab, max_position_embeddings=32768,
+        text_encoder = Qwen3Model(Qwen3Config(vocab_size=vocab, max_position_embeddings=32768, rope_theta=1000000.0,
+                                              rms_norm_eps=1e-6, tie_word_embeddings=True,
                                               pad_token_id=tokenizer.pad_token_id, **spec["text"]))
-        transformer = AceStepTransformer1DModel(in_channels=192, audio_acoustic_hidden_dim=64, **spec["dit"])
-        condition_encoder = AceStepConditionEncoder(text_hidden_dim=spec["text"]["hidden_size"],
-                                                    timbre_hidden_dim=64, **spec["cond"])
-    # What diffusers 0.42.1's AceStepPipeline expects of a converted checkpoint: timesteps in
-    # [0, 1] fed verbatim (the pipeline shifts its own sigma schedule), so the guidance interval
-    # test `0 <= 1 - t <= 1` holds on every step and each DiT call runs the (cond, null) pair.
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0)
-    pipe = AceStepPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
-                           condition_encoder=condition_encoder, scheduler=scheduler)
+        transformer = AceStepTransformer1DModel(**conversion.transformer_config(dit))
+        condition_encoder = AceStepConditionEncoder(**conversion.condition_encoder_config(dit))
+        audio_tokenizer = AceStepAudioTokenizer(**tokenizer_config)
+        audio_detokenizer = AceStepAudioTokenDetokenizer(**detokenizer_config)
+    parts = dict(vae=vae, text_encoder=text_encoder, transformer=transformer, condition_encoder=condition_encoder,
+                 audio_tokenizer=audio_tokenizer, audio_detokenizer=audio_detokenizer)
     if dtype is not None:
-        pipe.to(dtype=dtype)
-    return pipe
+        for module in parts.values():
+            module.to(dtype=dtype)
+    parts.update(tokenizer=tokenizer, dit_config=dit)
+    return parts
 
 
-def _name_tokenizer_portably(index_path: Path) -> None:
-    """transformers 5 records its tokenizer as `TokenizersBackend`, which 4.x cannot load; both know
-    `PreTrainedTokenizerFast`, which is what this tokenizer is (DESIGN.md section 3)."""
-    index = json.loads(index_path.read_text())
-    index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
-    index_path.write_text(json.dumps(index, indent=2) + "\n")
+def _dit_state(parts: dict) -> dict:
+    """The DiT's model.safetensors as ACE-Step's AceStepConditionGenerationModel names it."""
+    state = conversion.to_acestep_keys(parts["transformer"].state_dict(), parts["condition_encoder"].state_dict())
+    for prefix, module in (("tokenizer.", parts["audio_tokenizer"]), ("detokenizer.", parts["audio_detokenizer"])):
+        for key, value in module.state_dict().items():
+            state[prefix + conversion._unrename(key, conversion.ATTENTION_RENAMES)] = value
+    return {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
 
 
-def write_checkpoint(dest: Path, size: str = "tiny", seed: int = 0, device: str = "cpu", dtype=None) -> Path:
-    """Build and save into a temporary sibling folder, then rename: never a half-written checkpoint."""
+def _in_new_folder(dest: Path, write) -> Path:
+    """Run `write(tmp)` into a temporary sibling folder, then rename it to `dest`: never half a checkpoint."""
     dest = Path(dest)
-    if dest.exists() and any(dest.iterdir()):
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise FileExistsError(f"{dest} exists and is not empty; choose a new folder or remove it first.")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=str(dest.parent)))
     try:
-        pipe = build_pipeline(size, seed, device, dtype)
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
-        _name_tokenizer_portably(tmp / "model_index.json")
-        (tmp / DEMO_MARKER).write_text(json.dumps({"size": size, "seed": seed, "note": "random weights, not ACE-Step"}) + "\n")
+        write(tmp)
         if dest.exists():
             dest.rmdir()
         os.replace(tmp, dest)
@@ -129,3 +178,56 @@ def write_checkpoint(dest: Path, size: str = "tiny", seed: int = 0, device: str 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _write_marker(folder: Path, size: str, seed: int) -> None:
+    (folder / DEMO_MARKER).write_text(json.dumps({"size": size, "seed": seed, "note": "random weights, not ACE-Step"}) + "\n")
+
+
+def write_acestep_layout(dest: Path, size: str = "tiny", seed: int = 0, device: str = "cpu", dtype=None) -> Path:
+    """ACE-Step's own layout with random weights (no model code: the acestep package brings its own)."""
+    import torch
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        parts = build_acestep_parts(size, seed, device, dtype)
+        dit_dir = tmp / conversion.DIT
+        dit_dir.mkdir()
+        weights = _dit_state(parts)
+        config = dict(parts["dit_config"], torch_dtype=str(next(iter(weights.values())).dtype).replace("torch.", ""))
+        (dit_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(weights, str(dit_dir / "model.safetensors"), metadata={"format": "pt"})
+        torch.save(silence_latent_of(parts["vae"], next(iter(weights.values())).dtype), str(dit_dir / "silence_latent.pt"))
+        parts["vae"].save_pretrained(str(tmp / conversion.VAE), safe_serialization=True)
+        parts["text_encoder"].save_pretrained(str(tmp / conversion.TEXT_ENCODER), safe_serialization=True)
+        parts["tokenizer"].save_pretrained(str(tmp / conversion.TEXT_ENCODER))
+        _write_marker(tmp, size, seed)
+
+    return _in_new_folder(dest, write)
+
+
+def write_checkpoint(dest: Path, size: str = "tiny", seed: int = 0, device: str = "cpu", dtype=None,
+                     layout: str = "diffusers") -> Path:
+    """A random checkpoint in `layout` ("diffusers": ACE-Step's layout through `runner convert`)."""
+    if layout == "acestep":
+        return write_acestep_layout(dest, size, seed, device, dtype)
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise FileExistsError(f"{dest} exists and is not empty; choose a new folder or remove it first.")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.acestep.", dir=str(dest.parent)) as work:
+        source = write_acestep_layout(Path(work) / "acestep", size, seed, device, dtype)
+        conversion.convert(source, dest)
+    return dest
+
+
+
+def build_pipeline(size: str = "tiny", seed: int = 0, device: str = "cpu", dtype=None):
+    """The random pipeline in memory, loaded from a converted folder: what the diffusers engine loads."""
+    from diffusers import AceStepPipeline
+
+    with tempfile.TemporaryDirectory(prefix="acestep-random-") as work:
+        folder = write_checkpoint(Path(work) / "pipe", size, seed, device, dtype)
+        pipe = AceStepPipeline.from_pretrained(str(folder), audio_tokenizer=None, audio_token_detokenizer=None,
+                                               **({"dtype": dtype} if dtype is not None else {}))
+    return pipe.to(device)

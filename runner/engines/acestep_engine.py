@@ -32,10 +32,10 @@ import numpy as np
 import soundfile as sf
 
 import patches
-from runner import cancellation
+from runner import cancellation, sampling
 from runner.engines.acestep_progress import DiffusionProgress
 from runner.engines.acestep_view import build_checkpoint_view
-from runner.engines.base import MODEL_SAMPLE_RATE, LegoJob, LoadOptions, StageCallback, StepCallback
+from runner.engines.base import MODEL_SAMPLE_RATE, LegoJob, LoadOptions, StageCallback, StepCallback, seed_source_sample
 from runner.events import RunnerError, checkpoint_error, generation_error
 from runner.tracks import lego_instruction
 
@@ -93,30 +93,46 @@ def instruction_for(handler, track: str) -> str:
     return make("lego", track) if callable(make) else lego_instruction(track)
 
 
-def _time_signature(value: Optional[str]) -> str:
-    """ACE-Step wants the beats per bar ("4" for 4/4, "6" for 6/8)."""
-    return (value or "").split("/")[0].strip()
+# lego_fields' fields that the official ACE-Step has and the PyPI fork 20260212 does not (added upstream
+# after February 2026); `_instantiate` drops them for the fork, whose sampler has none of these knobs.
+FIELDS_NEWER_THAN_THE_FORK = ("dcw_enabled", "sampler_mode", "latent_shift", "latent_rescale", "enable_normalization",
+                              "repaint_mode")
 
 
 def lego_fields(job: LegoJob, source_path: Path, instruction: str) -> dict:
     """GenerationParams fields for one lego job: no language model, no chain of thought, the whole
     clip (a repaint window is the runner's, runner/window.py: ACE-Step's own repaint machinery
-    would paste the source into the stem)."""
+    would paste the source into the stem), and every sampling setting of `runner.sampling` passed
+    explicitly (fields this acestep lacks are dropped by `_instantiate`: the PyPI fork has no DCW,
+    which is the same as off)."""
+    settings = sampling.settings_for(job.seed, job.batch_size, job.time_signature, job.source.shape[-1])
     return {
         "task_type": "lego",
         "instruction": instruction,
         "src_audio": str(source_path),
         "audio_codes": "",
         "caption": job.caption,
-        "lyrics": "",
-        "vocal_language": "unknown",
+        "lyrics": settings.lyrics,
+        "vocal_language": settings.vocal_language,
         "bpm": job.bpm,
         "keyscale": job.key or "",
-        "timesignature": _time_signature(job.time_signature),
-        "duration": -1.0,  # the source decides
+        "timesignature": settings.time_signature,
+        "duration": -1.0,  # the source decides (the duration line is that of the padded source)
         "inference_steps": job.steps,
         "guidance_scale": job.guidance_scale,
         "seed": job.seed,
+        "shift": settings.shift,
+        "dcw_enabled": settings.dcw_enabled,
+        "cfg_interval_start": settings.cfg_interval_start,
+        "cfg_interval_end": settings.cfg_interval_end,
+        "use_adg": settings.use_adg,
+        "infer_method": settings.infer_method,
+        "sampler_mode": settings.sampler_mode,
+        "timesteps": None,
+        "latent_shift": 0.0,
+        "latent_rescale": 1.0,
+        # The runner normalises each stem itself, after cropping it to the source (runner/lego.py).
+        "enable_normalization": False,
         "repainting_start": 0.0,
         "repainting_end": -1,
         "repaint_mode": "aggressive",  # official: no source latents injected, no source waveform spliced
@@ -129,11 +145,11 @@ def lego_fields(job: LegoJob, source_path: Path, instruction: str) -> dict:
 
 
 def config_fields(job: LegoJob) -> dict:
-    """GenerationConfig fields: fixed seeds, one per candidate, so a seed reproduces its stems."""
+    """GenerationConfig fields: fixed seeds, one per candidate (`runner.sampling`), so a seed reproduces its stems."""
     return {
         "batch_size": job.batch_size,
         "use_random_seed": False,
-        "seeds": [job.seed + i for i in range(job.batch_size)],
+        "seeds": list(sampling.candidate_seeds(job.seed, job.batch_size)),
         "allow_lm_batch": False,
         "audio_format": "wav",
     }
@@ -275,6 +291,7 @@ class AcestepEngine:
             self._check_source_readable(source_path, job.source.shape[-1])
             params = build_params(inference.GenerationParams, job, source_path, instruction_for(self.handler, job.track))
             config = build_config(inference.GenerationConfig, job)
+            seed_source_sample(job.seed)  # the source's posterior sample (runner/sampling.py)
             with DiffusionProgress(self.handler.model, job.steps, on_stage, on_step):
                 # save_dir None: ACE-Step keeps the audio in memory and writes no file of its own.
                 result = inference.generate_music(self.handler, None, params, config, None, progress=None)

@@ -42,6 +42,16 @@ class LoadOptions:
     offload: bool
 
 
+def seed_source_sample(seed: int) -> None:
+    """Seed the default generators (CPU and every CUDA device) that the source's VAE posterior sample
+    draws from; each engine calls it right before its library starts (runner/sampling.py)."""
+    import torch
+
+    from runner.sampling import source_sample_seed
+
+    torch.manual_seed(source_sample_seed(seed))
+
+
 class Engine(Protocol):
     name: str
 

@@ -1,25 +1,136 @@
 """The lego task through `diffusers.AceStepPipeline` (diffusers 0.42.1 and later).
 
-The pipeline is asked for latents and the VAE decode is done here, tiled, so that the
-decode (the run's memory peak) is bounded and each phase gets its own stage and timing.
+Every sampling setting comes from `runner.sampling` and is passed explicitly, so this engine and
+the acestep engine compute the same music. Two things the pipeline would do its own way are done
+here the official way: the source's VAE encoding (in the official's overlap-discard pieces, one
+posterior sample per piece, from the seeded default generator; a silent source becomes the silence
+latent) and the candidates' noise (one generator per candidate, `seed + i`, on the job's device).
+The pipeline is asked for latents and the VAE decode is done here, also the official way (candidate by
+candidate, in its overlapping pieces), so that each phase gets its own stage and timing.
 """
 from __future__ import annotations
 
-import math
+import contextlib
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from runner import speedups
-from runner.engines.base import MODEL_SAMPLE_RATE, LegoJob, LoadOptions, StageCallback, StepCallback
+from runner import sampling, speedups
+from runner.engines.base import LegoJob, LoadOptions, StageCallback, StepCallback, seed_source_sample
 from runner.events import checkpoint_error, generation_error
 from runner.tracks import lego_instruction
 
-# The VAE turns 1920 samples into one latent frame and drops a partial frame; the DiT patches
-# two frames at a time. Padding the source to whole patches keeps the stem's tail.
-LATENT_SAMPLES = 1920
-LATENTS_PER_SECOND = 25.0
+
+def gpu_total_gib(device: str) -> float:
+    """What the official encoder reads to size its pieces (acestep/gpu_config.py get_gpu_memory_gb): 0 without CUDA."""
+    import torch
+
+    if device != "cuda" or not torch.cuda.is_available():
+        return 0.0
+    return torch.cuda.get_device_properties(0).total_memory / 1024**3
+
+
+def _cuda_supports_bfloat16(device: str) -> bool:
+    import torch
+
+    return device == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] >= 8
+
+
+def free_cuda_gib(device: str) -> float | None:
+    """The official's "effective free VRAM" (acestep/gpu_config.py get_effective_free_vram_gb): free on the
+    device plus what torch's cache holds unused; None on the CPU."""
+    import torch
+
+    if device != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info(0)
+    return (free + torch.cuda.memory_reserved(0) - torch.cuda.memory_allocated(0)) / 1024**3
+
+
+def decode(vae, latents, device: str):
+    """[batch, 2, samples] float32 audio from [batch, frames, 64] latents, the official way (runner.sampling):
+    candidate by candidate, in overlapping pieces, anti-clipped."""
+    import torch
+
+    vae.tile_latent_min_length = sampling.decode_tile_frames(free_cuda_gib(device))
+    vae.tile_latent_overlap = sampling.decode_overlap_frames(vae.tile_latent_min_length)
+    z = latents.transpose(1, 2).to(vae.dtype)
+    audio = torch.cat([vae.decode(z[i : i + 1]).sample.float().cpu() for i in range(z.shape[0])])
+    return anti_clip(audio)
+
+
+def encode_source(vae, audio, silence_latent, tiles: list) -> "torch.Tensor":
+    """[1, 64, frames] latents of `audio` ([1, 2, samples], on the VAE's device and dtype): one posterior
+    sample per tile, cores kept, as the official encoder does; the silence latent for a silent source."""
+    import torch
+
+    if sampling.is_silent(audio.float().cpu().numpy()):
+        frames = audio.shape[-1] // sampling.LATENT_SAMPLES
+        return silence_latent[:, :frames, :].transpose(1, 2)
+    pieces = []
+    for tile in tiles:
+        latent = vae.encode(audio[:, :, tile.start:tile.end]).latent_dist.sample()
+        pieces.append(latent[:, :, tile.keep_from:latent.shape[-1] - tile.drop_tail])
+    return torch.cat(pieces, dim=-1)
+
+
+@contextlib.contextmanager
+def official_source_encoding(pipe, settings: sampling.Sampling):
+    """Route the pipeline's source encoding (prepare_src_latents with src_audio) through encode_source."""
+    own = pipe.prepare_src_latents
+
+    def prepare_src_latents(device, dtype, batch_size=1, src_audio=None, audio_codes=None, latent_length=None, task_type="text2music"):
+        if src_audio is None or audio_codes is not None or task_type == "cover":
+            return own(device=device, dtype=dtype, batch_size=batch_size, src_audio=src_audio, audio_codes=audio_codes,
+                       latent_length=latent_length, task_type=task_type)
+        audio = (src_audio.unsqueeze(0) if src_audio.dim() == 2 else src_audio).to(device=device, dtype=pipe.vae.dtype)
+        silence = pipe.condition_encoder.silence_latent.to(device=device, dtype=pipe.vae.dtype)
+        tiles = sampling.source_tiles(audio.shape[-1], settings.source_tile_seconds)
+        latents = encode_source(pipe.vae, audio, silence, tiles).to(device=device, dtype=dtype).transpose(1, 2)
+        return latents.expand(batch_size, -1, -1), latents.shape[1]
+
+    pipe.prepare_src_latents = prepare_src_latents
+    try:
+        yield
+    finally:
+        del pipe.prepare_src_latents
+
+
+def anti_clip(audio):
+    """What the official decode does before returning (generate_music_decode.py:199-203): a candidate
+    whose peak exceeds 1 is divided by its peak. (Normalising to -1 dBFS is the runner's, after cropping.)"""
+    peak = audio.abs().amax(dim=[1, 2], keepdim=True)
+    return audio / peak.clamp(min=1.0) if bool((peak > 1.0).any()) else audio
+
+
+def pipeline_arguments(job: LegoJob, settings: sampling.Sampling, source, generators, callback) -> dict:
+    """Everything AceStepPipeline.__call__ is given for one lego job (tests read this back)."""
+    batch = job.batch_size
+    return dict(
+        prompt=[job.caption] * batch,
+        lyrics=[settings.lyrics] * batch,  # a list: diffusers 0.42.1 fails on a plain string with batch > 1
+        vocal_language=settings.vocal_language,
+        audio_duration=settings.duration_seconds,
+        num_inference_steps=job.steps,
+        guidance_scale=job.guidance_scale,
+        shift=settings.shift,
+        cfg_interval_start=settings.cfg_interval_start,
+        cfg_interval_end=settings.cfg_interval_end,
+        generator=generators,
+        output_type="latent",
+        callback_on_step_end=callback,
+        instruction=lego_instruction(job.track),
+        bpm=job.bpm,
+        keyscale=job.key or "",
+        timesignature=settings.time_signature,
+        task_type="lego",
+        track_name=job.track.upper(),
+        src_audio=source,
+        repainting_start=0.0,  # the whole clip: a repaint window is the runner's (runner/window.py)
+        repainting_end=-1.0,
+    )
+
 
 class DiffusersEngine:
     name = "diffusers"
@@ -33,11 +144,14 @@ class DiffusersEngine:
         import torch
         from diffusers import AceStepPipeline
 
-        dtype = getattr(torch, options.dtype)
+        # The VAE in ACE-Step's precision, whatever the job's (runner.sampling): it decides the source's
+        # sample. Loaded so, not cast afterwards, which would round its weights through the job's dtype.
+        vae_dtype = getattr(torch, sampling.vae_dtype(options.device, _cuda_supports_bfloat16(options.device)))
+        dtypes = {"default": getattr(torch, options.dtype), "vae": vae_dtype}
         try:
-            # The audio tokenizer/detokenizer (0.42 GB) serve only audio-code covers, never lego.
+            # The audio tokenizer/detokenizer serve only audio-code covers, never lego.
             pipe = AceStepPipeline.from_pretrained(
-                str(checkpoints), torch_dtype=dtype, audio_tokenizer=None, audio_token_detokenizer=None
+                str(checkpoints), dtype=dtypes, audio_tokenizer=None, audio_token_detokenizer=None
             )
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise checkpoint_error("checkpoint_unloadable", f"The diffusers checkpoint in {checkpoints} could not be loaded: {exc}") from exc
@@ -50,10 +164,16 @@ class DiffusersEngine:
         self.speedups = speedups.apply(pipe, options.device)
         self.pipe, self.options = pipe, options
 
+    def sampling_for(self, job: LegoJob) -> sampling.Sampling:
+        device = self.options.device
+        return sampling.settings_for(job.seed, job.batch_size, job.time_signature, job.source.shape[-1], device,
+                                     gpu_total_gib(device), _cuda_supports_bfloat16(device))
+
     def generate(self, job: LegoJob, on_stage: StageCallback, on_step: StepCallback) -> list[np.ndarray]:
         import torch
 
         pipe = self.pipe
+        settings = self.sampling_for(job)
         open_bar = pipe.progress_bar
 
         def progress_bar(*args, **kwargs):
@@ -68,35 +188,14 @@ class DiffusersEngine:
         pipe.progress_bar = progress_bar
         self.speedups.reset()
         on_stage("encoding")
-        # The pipeline samples the source's VAE posterior with the global RNG, not `generator`:
-        # seed both, or the same seed would not give the same stem.
-        torch.manual_seed(job.seed)
-        generator = torch.Generator(device="cpu").manual_seed(job.seed)
-        batch = job.batch_size
-        source = _pad_to_patches(job.source)
+        source = torch.from_numpy(sampling.model_source(job.source))
+        generators = [torch.Generator(device=pipe._execution_device).manual_seed(s) for s in settings.candidate_seeds]
+        seed_source_sample(job.seed)
         try:
-            with torch.inference_mode():
-                latents = pipe(
-                    prompt=[job.caption] * batch,
-                    lyrics=[""] * batch,  # a list: diffusers 0.42.1 fails on a plain string with batch > 1
-                    audio_duration=source.shape[-1] / MODEL_SAMPLE_RATE,
-                    num_inference_steps=job.steps,
-                    guidance_scale=job.guidance_scale,
-                    generator=generator,
-                    output_type="latent",
-                    callback_on_step_end=step_end,
-                    instruction=lego_instruction(job.track),
-                    bpm=job.bpm,
-                    keyscale=job.key,
-                    timesignature=job.time_signature,
-                    task_type="lego",
-                    track_name=job.track.upper(),
-                    src_audio=torch.from_numpy(source),
-                    repainting_start=0.0,  # the whole clip: a repaint window is the runner's (runner/window.py)
-                    repainting_end=-1.0,
-                ).audios
+            with torch.inference_mode(), official_source_encoding(pipe, settings):
+                latents = pipe(**pipeline_arguments(job, settings, source, generators, step_end)).audios
                 on_stage("decoding")
-                audio = pipe.vae.decode(latents.transpose(1, 2).to(pipe.vae.dtype)).sample.float()
+                audio = decode(pipe.vae, latents, self.options.device)
                 pipe.maybe_free_model_hooks()
         except torch.OutOfMemoryError as exc:
             raise generation_error("out_of_memory", f"The GPU ran out of memory ({exc}); try a shorter source, batch 1, or ACESTEP_OFFLOAD=on.", retryable=True) from exc
@@ -115,15 +214,3 @@ class DiffusersEngine:
         if self.options is None or self.options.device != "cuda":
             return None
         return int(torch.cuda.max_memory_reserved())
-
-
-
-def _pad_to_patches(source: np.ndarray) -> np.ndarray:
-    """Pad with silence to an even number of latent frames L for which the pipeline's own float
-    round trip, ceil((L / 25) * 25), gives back L: diffusers 0.42.1 sizes the noise that way and
-    fails (e.g. L = 14 -> 15) where it does not."""
-    frames = -(-source.shape[-1] // LATENT_SAMPLES)
-    frames += frames % 2
-    while math.ceil((frames / LATENTS_PER_SECOND) * LATENTS_PER_SECOND) != frames:
-        frames += 2
-    return np.pad(source, ((0, 0), (0, frames * LATENT_SAMPLES - source.shape[-1])))
