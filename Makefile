@@ -22,9 +22,9 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 system-deps:
 	scripts/system-deps.sh
 
-# The tests also need Debian's chromium (the page's browser test).
+# The tests also need Debian's chromium (the page's browser test) and redis-server (the RQ queue's).
 test-deps:
-	scripts/system-deps.sh --browser
+	scripts/system-deps.sh --browser --redis
 
 serve: install system-deps
 	scripts/serve.sh
