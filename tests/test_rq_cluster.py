@@ -219,6 +219,26 @@ def _run_hung_job(cluster) -> tuple[str, int, object]:
     return task, index, host
 
 
+def test_sigterm_of_a_gpu_worker_puts_its_job_back_for_the_other(cluster):
+    url = cluster.web.url
+    task, index, host = _run_hung_job(cluster)
+    other = cluster.hosts[1 - index]
+    runner_pids = cluster.watches[index].runner_pids(task)
+    assert host.stop(signal.SIGTERM) == 0  # a deploy: the worker ends its job's runner and leaves
+    assert not any(pid_alive(p) for p in runner_pids)
+    session = next(s for sid, s in host.queue.sessions.items() if task in sid)
+    assert session["released"] is not None, "the stopped worker's tokens were not released"
+    # The job went back to the front of the queue, and the other GPU host runs it now.
+    wait_for(lambda: task in other.jobs_started(), timeout=30, what="the other GPU worker to take the job")
+    status = requests.get(f"{url}/lego/status/{task}", timeout=5).json()
+    assert status["status"] in ("queued", "processing"), status
+    answer = requests.delete(f"{url}/lego/{task}", timeout=30).json()
+    assert answer["status"] == "cancelled"
+    host.start()
+    cluster.wait_workers(2)
+    cluster.check_tokens()
+
+
 def test_sigkill_of_a_gpu_worker_mid_job(cluster):
     url = cluster.web.url
     # 1. No replacement comes: the job fails, retryable, once the worker's heartbeats have stopped.

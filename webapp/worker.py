@@ -6,10 +6,11 @@ GPU tokens (QUEUE_URL or GPU_LOCK_FILE) and runner, exactly as the single-host s
 the same settings as the web service; the web hosts need the same REDIS_URL (and RESULT_TTL_S,
 MAX_QUEUED_JOBS) and nothing else in common with it.
 
-Its DATA_DIR holds the jobs in progress and its name in the queue (`gpu-worker.json`, kept across
-restarts so a successor can end what a killed predecessor left); one worker per DATA_DIR.
-Stop it with SIGTERM: a running job fails `service_shutting_down` (retryable) after its runner
-has exited and its tokens are released; then it leaves the queue.
+Its DATA_DIR holds the job in progress, the lease journal and its name in the queue
+(`gpu-worker.json`, kept across restarts so a successor can end what a killed predecessor left);
+one worker per DATA_DIR (the data-folder lock). Stop it with SIGTERM: the running job's runner is
+ended and its tokens released, the job goes back to the front of the queue for the next GPU
+worker, and this one leaves the queue.
 
 `python -m webapp.worker --check` (the container's health check) exits 0 when this DATA_DIR's
 worker has sent a heartbeat to Redis within WORKER_LOST_AFTER_S, else 1 with a sentence.
