@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import pid_alive, wait_for, wav_bytes
 from rq_cluster import Cluster, poll
+from test_web_gunicorn import _raw_multipart_request
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -168,7 +169,20 @@ def test_cancel_across_hosts_stops_the_runner_before_it_answers(cluster):
         assert final["state"] == "cancelled" and final["error_code"] == "job_cancelled"
     for host in cluster.hosts:
         assert waiting not in host.jobs_started()
-    assert cluster.check_tokens() == before + 2
+
+    # A synchronous multipart caller that hangs up: its job is stopped on the GPU host that runs it.
+    known = {t for h in cluster.hosts for t in h.jobs_started()}
+    sock = _raw_multipart_request(cluster.web.port, wav_bytes(1.5),
+                                  fields=(("track_type", "drums"), ("bpm", "120"), ("caption", "fake-mode:hang")))
+    task = wait_for(lambda: next((t for h in cluster.hosts for t in h.jobs_started() if t not in known), None),
+                    timeout=30, what="the synchronous job to start")
+    index = next(i for i, h in enumerate(cluster.hosts) if task in h.jobs_started())
+    pids = cluster.watches[index].runner_pids(task)
+    sock.close()
+    final, _ = poll(url, task, timeout=30)
+    assert final["state"] == "cancelled" and "client disconnected" in final["error"]
+    assert not any(pid_alive(p) for p in pids)
+    assert cluster.check_tokens() == before + 3
 
 
 def test_a_web_restart_mid_queue_loses_nothing(cluster):

@@ -66,11 +66,18 @@ class GpuRuntime:
 
     # ---- what the RQ worker calls -------------------------------------------------------------------
 
-    def cancel_current(self, reason: str) -> bool:
+    def cancel_current(self, reason: str | None) -> bool:
+        """Cancel the job in hand; without a reason, the one its record asks for."""
         with self._lock:
             task_id = self.current
         if task_id is None:
             return False
+        if reason is None:
+            try:
+                raw = self.conn.hget(record_key(task_id), "cancel_requested")
+            except UNAVAILABLE_ERRORS:
+                raw = None
+            reason = raw.decode() if raw else "cancelled by request"
         self.jobs.cancel(task_id, reason)
         return True
 

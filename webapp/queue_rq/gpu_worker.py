@@ -145,8 +145,9 @@ class GpuWorker(SimpleWorker):
     # ---- commands ------------------------------------------------------------------------------------
 
     def kill_horse(self, sig=None):
-        """RQ's stop-job: there is no horse; cancel the job (runner stopped, then tokens released)."""
-        self.runtime.cancel_current("cancelled by DELETE")
+        """RQ's stop-job: there is no horse; cancel the job (runner stopped, then tokens released),
+        for the reason the web host wrote in the record before it sent the command."""
+        self.runtime.cancel_current(None)
 
     def request_stop(self, signum, frame):
         self.stopping = True
