@@ -136,6 +136,11 @@ def test_the_plugin_protocol_over_two_web_workers_and_two_gpu_hosts(cluster):
     workers = sum(v for (name, _), v in metrics.items() if name == "acestep_gpu_workers")
     assert workers == 2
     assert cluster.check_tokens() == 7
+    # POST /unload reaches every GPU worker (RQ's command channel); none keeps a model warm here.
+    answer = requests.post(url + "/unload", timeout=10).json()
+    assert answer["success"] is True and answer["unloading"] is False
+    wait_for(lambda: all(h.events("unload_requested") for h in cluster.hosts), timeout=10,
+             what="both GPU workers to get the unload command")
 
 
 def test_cancel_across_hosts_stops_the_runner_before_it_answers(cluster):
