@@ -34,7 +34,8 @@ test: install test-deps
 
 # The CPU part: the service's overhead around a stub runner (one host, then the RQ path), and the GPU benchmark's code path on
 # the tiny checkpoint. The GPU figures come from benchmarks/gpu_bench.py on a GPU (docs/PERFORMANCE.md).
-bench: install system-deps
+bench: install
+	scripts/system-deps.sh --redis
 	$(PY) benchmarks/service_overhead.py
 	$(PY) benchmarks/rq_bench.py overhead --repeats 3
 	$(PY) benchmarks/gpu_bench.py --work $${TMPDIR:-/tmp}/acestep-bench-cpu --size tiny --device cpu \
