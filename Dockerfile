@@ -110,13 +110,14 @@ ENV VIRTUAL_ENV=/opt/venv \
 WORKDIR /app
 
 # The web layer's dependencies (setup.cfg install_requires, read by image/web_requirements.py as
-# `make image-env` reads them; never the `runner` extra: its diffusers 0.42.1 / transformers 5
+# `make image-env` reads them, and the `rq` extra, which the multi-host mode's web tier and
+# `python -m webapp.worker` use; never the `runner` extra: its diffusers 0.42.1 / transformers 5
 # stack conflicts with ACE-Step's transformers<4.58), held to the versions of the ACE-Step
 # environment by the constraints file written in the builder. Only these files are copied first,
 # so code changes do not redo this layer.
 COPY setup.cfg pyproject.toml ./
 COPY image/web_requirements.py image/
-RUN python image/web_requirements.py setup.cfg > /tmp/web-requirements.txt \
+RUN python image/web_requirements.py setup.cfg rq > /tmp/web-requirements.txt \
     && pip install --no-cache-dir -c /opt/venv/acestep-constraints.txt -r /tmp/web-requirements.txt
 
 # The source last (.dockerignore lets in only what the service runs), installed without
@@ -157,4 +158,6 @@ EXPOSE 8002
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8002'), timeout=4)"]
 
+# The web service. A GPU host of the multi-host mode runs `python -m webapp.worker` instead
+# (docker-compose.example.yml, profile scale-out).
 CMD ["gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]

@@ -22,9 +22,9 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 system-deps:
 	scripts/system-deps.sh
 
-# The tests also need Debian's chromium (the page's browser test).
+# The tests also need Debian's chromium (the page's browser test) and redis-server (the RQ queue's).
 test-deps:
-	scripts/system-deps.sh --browser
+	scripts/system-deps.sh --browser --redis
 
 serve: install system-deps
 	scripts/serve.sh
@@ -32,10 +32,12 @@ serve: install system-deps
 test: install test-deps
 	$(PY) -m pytest
 
-# The CPU part: the service's overhead around a stub runner, and the GPU benchmark's code path on
+# The CPU part: the service's overhead around a stub runner (one host, then the RQ path), and the GPU benchmark's code path on
 # the tiny checkpoint. The GPU figures come from benchmarks/gpu_bench.py on a GPU (docs/PERFORMANCE.md).
-bench: install system-deps
+bench: install
+	scripts/system-deps.sh --redis
 	$(PY) benchmarks/service_overhead.py
+	$(PY) benchmarks/rq_bench.py overhead --repeats 3
 	$(PY) benchmarks/gpu_bench.py --work $${TMPDIR:-/tmp}/acestep-bench-cpu --size tiny --device cpu \
 	    --durations 1,2 --steps 2 --groups float32:off:1 --parts memory,coldstart --cold-seconds 2 --short-seconds 1
 

@@ -3,7 +3,8 @@
 - ONE worker process: the answers to status polls live in that process's memory (and its job
   records on disk, so a restart loses nothing), and a poll must reach the process that holds the
   job. The GPU runs one generation at a time anyway; HTTP concurrency comes from threads
-  (gthread), and each waiting synchronous call holds one thread.
+  (gthread), and each waiting synchronous call holds one thread. With REDIS_URL (the RQ mode,
+  docs/SCALE_OUT.md) jobs live in Redis and WEB_WORKERS processes answer alike.
 - A data folder belongs to one service: when another holds DATA_DIR, this one stops before it
   binds, with a sentence naming the holder (the worker takes the lock itself: webapp/data_lock.py).
 - No preload: the worker builds the app itself, so its job threads are not lost in a fork.
@@ -36,14 +37,14 @@ except SettingsError as _exc:
     # One clear sentence, then no start (not a traceback at the first request).
     print(f"acestep-stem-service: configuration error: {_exc}", file=sys.stderr, flush=True)
     sys.exit(2)
-_busy = check_free(_settings.data_dir)
+_busy = None if _settings.redis_url else check_free(_settings.data_dir)  # the RQ web tier locks no folder
 if _busy:
     print(f"acestep-stem-service: {_busy}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 bind = f"0.0.0.0:{_settings.port}"
 worker_class = "gthread"
-workers = 1
+workers = _settings.web_workers  # 1 unless REDIS_URL is set (the settings check refuses more without it)
 threads = _settings.web_threads
 preload_app = False
 timeout = 120

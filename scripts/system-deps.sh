@@ -2,10 +2,18 @@
 # Installs the system programs the service and its tests use, where missing:
 #   scripts/system-deps.sh            ffmpeg/ffprobe (the service; `make serve`)
 #   scripts/system-deps.sh --browser  also Debian's chromium (the page's browser test; `make test`)
+#   scripts/system-deps.sh --redis    also Debian's redis-server (the RQ queue's tests start their
+#                                     own, each on a free port; `make test`). A deployment runs its own Redis.
 # Debian/Ubuntu with root (or sudo) only; elsewhere it says what to install and stops.
 set -euo pipefail
 tools=(ffmpeg ffprobe)
-[ "${1:-}" = "--browser" ] && tools+=(chromium)
+for arg in "$@"; do
+  case "$arg" in
+    --browser) tools+=(chromium) ;;
+    --redis) tools+=(redis-server) ;;
+    *) echo "usage: scripts/system-deps.sh [--browser] [--redis]" >&2; exit 2 ;;
+  esac
+done
 missing=()
 for tool in "${tools[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
@@ -16,6 +24,7 @@ for tool in "${missing[@]}"; do
   case "$tool" in
     ffmpeg|ffprobe) [[ " ${packages[*]-} " == *" ffmpeg "* ]] || packages+=(ffmpeg) ;;
     chromium) packages+=(chromium) ;;
+    redis-server) packages+=(redis-server) ;;
   esac
 done
 if ! command -v apt-get >/dev/null 2>&1; then
@@ -29,4 +38,6 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 echo "Installing ${packages[*]} (for ${missing[*]})..." >&2
 $sudo apt-get update -qq
+# Debian's redis-server package does not start a server that the tests would use: each test
+# starts its own (tests/redis_server.py).
 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null

@@ -280,3 +280,15 @@ def free_port() -> int:
 def which_ffmpeg():
     if shutil.which("ffmpeg") is None:
         pytest.skip("ffmpeg is not installed")
+
+
+# ---- Redis (the RQ job queue) ----------------------------------------------------------------------
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free port with its own data folder (tests/redis_server.py)."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.kill()

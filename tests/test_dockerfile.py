@@ -369,8 +369,9 @@ def default_of(value: str) -> str:
 
 
 def find_app(compose: dict) -> dict:
-    apps = [s for s in compose["services"].values() if "QUEUE_URL" in environment(s)]
-    assert len(apps) == 1, "exactly one service (this one) should carry QUEUE_URL"
+    """The single-host service: the one built here that is in no profile."""
+    apps = [s for s in compose["services"].values() if "QUEUE_URL" in environment(s) and not s.get("profiles")]
+    assert len(apps) == 1, "exactly one default service (this one) should carry QUEUE_URL"
     return apps[0]
 
 

@@ -110,10 +110,10 @@ def test_both_protocols_end_to_end_with_the_real_runner(start_gunicorn, fake_que
     assert server.stop() == 0
 
 
-def _raw_multipart_request(port: int, audio: bytes) -> socket.socket:
+def _raw_multipart_request(port: int, audio: bytes, fields=(("track_type", "drums"), ("bpm", "120"))) -> socket.socket:
     boundary = "----acestep" + uuid.uuid4().hex
     parts = []
-    for name, value in (("track_type", "drums"), ("bpm", "120")):
+    for name, value in fields:
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
     parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="audio_file"; filename="a.wav"\r\n'
                  f"Content-Type: audio/wav\r\n\r\n".encode() + audio + b"\r\n")

@@ -54,6 +54,8 @@ CATALOGUE: dict[str, tuple[int, bool, str]] = {
     "service_shutting_down": (503, True, "The service is restarting; retry in a minute."),
     "job_interrupted": (503, True, "The service restarted while the job was running and could not resume it; send the request again."),
     "storage_full": (507, True, "The service's disk is full; retry later (operators: free space in DATA_DIR)."),
+    "queue_unavailable": (503, True, "The job queue (Redis) cannot be reached; retry in a minute (operators: check REDIS_URL)."),
+    "gpu_worker_lost": (503, True, "The GPU worker running the job stopped (killed, or its host went down); retry."),
     # the runner
     "job_timeout": (504, True, "The generation took longer than the job time limit and was stopped; retry, perhaps with a shorter source."),
     "runner_rejected_input": (422, False, "The generator refused this input; see the message."),

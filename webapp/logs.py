@@ -16,7 +16,7 @@ _HANDLER_FLAG = "_acestep_handler"
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        payload = {"ts": round(record.created, 6), "level": record.levelname, "logger": record.name}
+        payload = {"ts": round(record.created, 6), "level": record.levelname, "logger": record.name, "pid": record.process}
         fields = getattr(record, "fields", None)
         if fields:
             payload.update(fields)

@@ -114,9 +114,10 @@ class Metrics:
         return Response(generate_latest(self.registry), content_type=CONTENT_TYPE)
 
 
-def install_metrics(app: Flask, jobs) -> Metrics:
-    """Listen to `jobs`, count refused requests and serve `GET /metrics` on `app`."""
-    metrics = Metrics(jobs)
+def install_metrics(app: Flask, jobs, metrics_class=None) -> Metrics:
+    """Listen to `jobs`, count refused requests and serve `GET /metrics` on `app` (the RQ mode
+    passes its own class, webapp/queue_rq/metrics_rq.py: its counts live in Redis)."""
+    metrics = (metrics_class or Metrics)(jobs)
     jobs.add_listener(metrics.on_job)
 
     @app.after_request

@@ -25,6 +25,8 @@ bp = Blueprint("health", __name__)
 @bp.get("/health")
 def health():
     service = current_service()
+    if service.settings.redis_url:
+        return _health_rq(service)
     ckpt = service.refresh_checkpoints()
     tokens = service.tokens.describe()
     jobs = service.jobs.snapshot()
@@ -53,6 +55,17 @@ def health():
         "audio_tools": "ffmpeg" if tools_available() else "soundfile",
     }
     return jsonify(body)
+
+
+def _health_rq(service):
+    """A web host of the RQ mode: the queue across hosts instead of this host's GPU and runner."""
+    from webapp.queue_rq.web_app import health_body
+
+    problems, fields = health_body(service.jobs, service.checkpoints)
+    return jsonify({"success": True, "status": "ok" if not problems else "degraded", "problems": problems,
+                    "service": {"name": "acestep-stem-service", "version": __version__, "role": "web (RQ)",
+                                "uptime_s": round(time.time() - service.started_at, 1)},
+                    **fields, "audio_tools": "ffmpeg" if tools_available() else "soundfile"})
 
 
 @bp.get("/")

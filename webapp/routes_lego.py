@@ -14,6 +14,7 @@ import logging
 import re
 import secrets
 import time
+from pathlib import Path
 from typing import Callable
 
 from flask import Blueprint, Response, g, jsonify, request, send_file
@@ -129,7 +130,7 @@ def _create_job(files: JobFiles, write_upload: Callable, make_params: Callable, 
             if is_storage_full(exc):
                 raise ApiError("storage_full") from None
             raise
-        service.jobs.submit(job)
+        job = service.jobs.submit(job) or job  # the RQ mode answers with its view of the job in Redis
     except BaseException as exc:
         files.discard()
         if isinstance(exc, ApiError):
@@ -169,9 +170,15 @@ def _wait_and_answer(job: Job):
 
 def _send_output(job: Job, index: int, as_attachment: bool):
     fmt = job.params.output_format
-    path = job.outputs[index]
-    resp = send_file(path, mimetype=lego_params.MIME_TYPES[fmt], as_attachment=as_attachment,
-                     download_name=f"lego-{job.params.track}-{job.id[:8]}-{index}.{fmt}", max_age=0)
+    output = job.outputs[index]
+    name = f"lego-{job.params.track}-{job.id[:8]}-{index}.{fmt}"
+    if isinstance(output, Path):
+        resp = send_file(output, mimetype=lego_params.MIME_TYPES[fmt], as_attachment=as_attachment,
+                         download_name=name, max_age=0)
+    else:  # a stem in Redis (the RQ mode)
+        from webapp.queue_rq.web_app import output_response
+
+        resp = output_response(current_service().jobs, output, lego_params.MIME_TYPES[fmt], as_attachment, name)
     resp.headers["X-Task-Id"] = job.id
     resp.headers["X-Candidates"] = str(len(job.outputs))
     if job.result.get("seed") is not None:
@@ -197,6 +204,10 @@ def lego_status(task_id: str):
     job = _job_or_error(task_id)
     body = status_body(job)
     if job.state is JobState.COMPLETED:
+        if not isinstance(job.outputs[0], Path):  # a stem in Redis (the RQ mode)
+            from webapp.queue_rq.web_app import json_with_audio
+
+            return json_with_audio(current_service().jobs, body, job.outputs[0])
         return _json_with_audio(body, job.outputs[0])
     return jsonify(body)
 

@@ -154,9 +154,15 @@ REGISTRY: tuple[Setting, ...] = (
             "Seconds a loaded model may stay warm after a job for the next one, keeping its GPU tokens; 0 = every runner exits after its job (zero idle VRAM).", 0),
     Setting("RUNNER_PRESTART", "bool", "true",
             "Start the next runner ahead of time: it imports torch and diffusers but touches no GPU (no VRAM, no tokens) until a job is handed to it."),
-    Setting("REDIS_URL", "url", "", "Reserved for the multi-host RQ job queue, which is not built yet: jobs always use the in-process queue, and the service warns at start when this is set.",
+    Setting("REDIS_URL", "url", "",
+            "Redis of the multi-host job queue (RQ): set, the web tier only checks uploads, enqueues, answers status and serves "
+            "results, and `python -m webapp.worker` on each GPU host runs the jobs; unset = the in-process queue of one host.",
             choices=("redis", "rediss", "unix")),
-    Setting("WEB_THREADS", "int", "16", "gunicorn threads of the one worker (each waiting synchronous call holds one).", 2, 256),
+    Setting("WORKER_LOST_AFTER_S", "float", "30",
+            "With `REDIS_URL`: a GPU worker silent this long is gone; its running job fails `gpu_worker_lost` (retryable).", 2, 3600),
+    Setting("WEB_WORKERS", "int", "1",
+            "gunicorn worker processes; more than 1 only with `REDIS_URL` (without it, jobs live in the one worker's memory).", 1, 64),
+    Setting("WEB_THREADS", "int", "16", "gunicorn threads of each worker process (each waiting synchronous call holds one).", 2, 256),
     Setting("LOG_FORMAT", "choice", "text", "`text` for people, `json` for one JSON object per line.", choices=("text", "json")),
     Setting("LOG_LEVEL", "choice", "INFO", "Python log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
 )
@@ -257,10 +263,14 @@ class Settings:
             raise SettingsError(f"QUEUE_LANE={self.queue_lane!r} may hold only letters, digits, '_', '-', '.' and '/'; fix it.")
         if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,128}", self.acestep_config_path):
             raise SettingsError(f"ACESTEP_CONFIG_PATH={self.acestep_config_path!r} must be a plain folder name such as acestep-v15-base.")
+        if self.web_workers > 1 and not self.redis_url:
+            raise SettingsError(f"WEB_WORKERS={self.web_workers} needs REDIS_URL: without it jobs live in one worker's memory; "
+                                "set REDIS_URL or WEB_WORKERS=1.")
         if check_filesystem:
             self._validate_filesystem()
 
-    def _validate_filesystem(self) -> None:
+    def check_checkpoint_folder(self) -> None:
+        """Where generation runs (the one host, or a GPU worker): the weights must be a readable folder."""
         ckpt: Path = self.acestep_checkpoints
         if not ckpt.is_dir():
             raise SettingsError(
@@ -268,6 +278,10 @@ class Settings:
                 f"or build the demo checkpoint (`python -m runner make-tiny-checkpoint {ckpt}`), or point the variable at them.")
         if not os.access(ckpt, os.R_OK | os.X_OK):
             raise SettingsError(f"ACESTEP_CHECKPOINTS={ckpt} is not readable by this user; fix its permissions.")
+
+    def _validate_filesystem(self) -> None:
+        if not self.redis_url:  # with REDIS_URL the web tier never reads the weights; the GPU worker checks them
+            self.check_checkpoint_folder()
         data: Path = self.data_dir
         try:
             data.mkdir(parents=True, exist_ok=True)

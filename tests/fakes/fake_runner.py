@@ -14,7 +14,9 @@ mid-job), hang (runs until SIGTERM, then exits 5), stubborn (ignores SIGTERM, so
 service's end: needs SIGKILL), noresult (the process exits 0 without answering), junk (a non-JSON
 line on stdout, then a normal result), chatty (writes --chatty-kb of stderr per step, for a
 disk that fills up). `--once FILE`: MODE applies only to the first job (across processes; FILE marks it), later jobs run
-ok, as a fault that does not repeat after a restart. `--record FILE` appends {"pid","spawn"} at start, {"pid","start","argv"} when a
+ok, as a fault that does not repeat after a restart. A job whose caption reads `fake-mode:MODE`
+runs in that mode instead (SIGTERM handling stays the process's), so one runner command can play
+several cases. `--record FILE` appends {"pid","spawn"} at start, {"pid","start","argv"} when a
 job arrives (with its `args`) and {"pid","exit","code"} when the process ends normally.
 The "ok" output is the source itself, in the requested format, same rate and frame count.
 """
@@ -160,8 +162,11 @@ def main(argv):
         print(f"[fake-runner] {opts.mode} {args['track']} {args['source']}", file=sys.stderr, flush=True)
         watch.job_started()
         cancelled["in_job"] = True
+        caption = str(args.get("caption") or "")
+        job_opts = argparse.Namespace(**{**vars(opts), "mode": caption[len("fake-mode:"):]}) \
+            if caption.startswith("fake-mode:") else opts
         try:
-            run_job(opts, args, cancelled)
+            run_job(job_opts, args, cancelled)
         except Cancelled:
             record(opts.record, exit=time.time(), code=5, why=watch.fired)
             error(5, "cancelled", "The job was cancelled; nothing was written.", True)

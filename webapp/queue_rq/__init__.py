@@ -1,0 +1,1 @@
+"""The job queue across hosts (REDIS_URL): RQ on Redis. docs/SCALE_OUT.md describes it."""
