@@ -33,7 +33,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 VARIANTS = {"eager": (), "contiguous": ("contiguous",), "fused": ("contiguous", "fused"),
-            "attention": ("contiguous", "fused", "attention"), "compile": ("contiguous", "fused", "attention", "compile")}
+            "attention": ("contiguous", "fused", "attention"), "graphs": ("contiguous", "fused", "attention", "graphs"),
+            "compile": ("contiguous", "fused", "attention", "compile"),
+            "compile_graphs": ("contiguous", "fused", "attention", "compile", "graphs")}
 RESULTS: dict = {}
 
 
@@ -89,13 +91,13 @@ def ceilings() -> dict:
 
 def make_source(seconds: float):
     import torch
-    from runner.engines.diffusers_engine import _pad_to_patches
+    from runner.sampling import model_source
 
     rng = np.random.default_rng(int(seconds))
     t = np.arange(int(seconds * 48000)) / 48000
     tone = 0.3 * np.sin(2 * np.pi * 196 * t)
     data = np.stack([tone, tone]) + 0.02 * rng.standard_normal((2, t.size))
-    return torch.from_numpy(_pad_to_patches(data.astype(np.float32)))
+    return torch.from_numpy(model_source(data))
 
 
 def load_pipe(ckpt: Path, dtype, device: str):
@@ -274,6 +276,7 @@ def measure_dtype(ckpt: Path, dtype_name: str, args, ceil: dict) -> None:
             out = forward(tr, kwargs)
             sync(args.device)
             row = {"first_call_s": round(time.perf_counter() - t, 3), "on": list(state.on),
+                   "compiled_blocks": state.report()["compiled_blocks"],
                    "forward_ms": forward_ms(tr, kwargs, args.device, args.repeats),
                    "rel_err_vs_eager": float(f"{rel_err(out, reference):.3g}"), "finite": bool(torch.isfinite(out).all())}
             if args.device == "cuda":
@@ -294,7 +297,8 @@ def measure_dtype(ckpt: Path, dtype_name: str, args, ceil: dict) -> None:
                 lat, seconds = run_pipe(pipe, src, steps, args.device)
                 report = state.report()
                 row = {"steps": steps, "loop_s": round(seconds, 3), "per_step_ms": round(seconds / steps * 1e3, 2),
-                       "dit": report["dit_forwards"], "finite": bool(torch.isfinite(lat).all())}
+                       "dit": report["dit_forwards"], "finite": bool(torch.isfinite(lat).all()),
+                       "cuda_graphs": report["cuda_graphs"], "compiled_blocks": report["compiled_blocks"]}
                 if report["dit_forwards"]["calls"] != steps or report["dit_forwards"]["batch_sizes"] != {"2": steps}:
                     row["WARNING"] = "the DiT did not run once per step at the doubled batch"
                 if args.device == "cuda":
