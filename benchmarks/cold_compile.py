@@ -85,7 +85,8 @@ def cold_runner(ckpt: Path, args, emit) -> None:
             result = [json.loads(l) for l in done.stdout.splitlines() if l.startswith('{"event":"result"')]
             row = {"wall_s": round(wall, 2)}
             if result:
-                row.update(timings=result[0]["timings"], speedups=result[0].get("speedups"))
+                row.update(timings=result[0]["timings"], speedups=result[0].get("speedups"),
+                           peak_vram_mib=(result[0].get("peak_vram_bytes") or 0) // 2**20)
                 for output in result[0]["outputs"]:
                     Path(output["path"]).unlink(missing_ok=True)
             else:

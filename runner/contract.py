@@ -145,7 +145,7 @@ MAX_CAPTION_CHARS = 1000
 OUTPUT_FORMATS = ("wav", "flac", "mp3")
 # The DiT speed-up switches (runner/speedups.py, environment ACESTEP_SPEEDUPS): named here so the
 # service can refuse a bad value at start instead of failing every job.
-SPEEDUP_SWITCHES = ("contiguous", "fused", "attention", "compile")
+SPEEDUP_SWITCHES = ("contiguous", "fused", "attention", "compile", "graphs")
 
 
 def speedup_names(value: str) -> tuple[str, ...] | None:

@@ -14,12 +14,13 @@ which the runner reports in its result event beside the DiT's forward count and 
 - `attention`: where neither flash nor cuDNN attention can run (a T4, compute capability 7.5),
   grouped-query attention fell to SDPA's unfused math path, because `enable_gqa` admits only those
   kernels; repeating K/V to the query heads lets the memory-efficient kernel run instead.
-- `compile`: `torch.compile` of each transformer block (regional: the 24 blocks share one
-  compiled graph, shapes dynamic so every source length and batch reuses it). Inductor's FX
-  graph and AOTAutograd caches live in `ACESTEP_COMPILE_CACHE`, so only the first process on a
-  machine compiles the kernels; a later one still re-traces the blocks (Dynamo, AOTAutograd)
-  before its first forward. It compiles the `fused` path (the stock attention processor breaks
-  the graph), so it implies `fused`.
+- `compile`: Inductor-compiled transformer blocks (runner/compiled_blocks.py): compiled once per
+  machine and kind of call with torch's precompile API, saved in `ACESTEP_COMPILE_CACHE`, and
+  loaded by every later process without tracing. It compiles the `fused` path (the stock attention
+  processor breaks the graph), so it implies `fused`.
+- `graphs`: CUDA graphs of the whole DiT forward (runner/cuda_graphs.py): captured on the first
+  step of a job, replayed on the others, so the CPU launches one graph instead of ~1,200 kernels
+  per step. CUDA only, and not with model offload (which moves the weights the graph points at).
 """
 from __future__ import annotations
 
@@ -31,15 +32,18 @@ from typing import Optional
 
 import torch
 
+from runner.compiled_blocks import CompiledBlocks, fingerprint
 from runner.contract import SPEEDUP_SWITCHES as SWITCHES, speedup_names
+from runner.cuda_graphs import GraphedForward
 from runner.events import bad_input
 
 ENV = "ACESTEP_SPEEDUPS"
 CACHE_ENV = "ACESTEP_COMPILE_CACHE"
 # Measured defaults (docs/PERFORMANCE.md, "Speed of the 50 steps"): the three eager switches
-# everywhere; `compile` is opt-in, because a fresh process (the runner's way: one per job) with
-# the cache warm still spent 8-20 s before its first compiled forward on the H200: more than the
-# compiled 50 steps save there, and than the ~5 s they are projected to save on a T4 at 120 s.
+# everywhere. `graphs` and `compile` are opt-in. Graphs save CPU launch time, which a T4's longer
+# kernels hide, and hold their own memory pool (+656 MiB at 240 s, job 1, float16, H200); with
+# model offload, the T4's recommended setting, they cannot run at all. A fresh process still
+# spends 3.5 s loading the compiled blocks, more than their 50 steps save at 120 s on the H200.
 DEFAULTS = {"cuda": ("contiguous", "fused", "attention"), "cpu": ("contiguous", "fused", "attention")}
 
 
@@ -63,12 +67,20 @@ class Speedups:
 
     on: tuple[str, ...] = ()
     compile_cache: Optional[str] = None
+    compiled: Optional[CompiledBlocks] = None
+    graphs: Optional[GraphedForward] = None
     calls: int = 0
     batches: Counter = field(default_factory=Counter)
     timesteps: list = field(default_factory=list)
 
     def reset(self) -> None:
         self.calls, self.batches, self.timesteps = 0, Counter(), []
+
+    def release(self) -> None:
+        """After the denoising loop: the CUDA graphs' memory goes back before the VAE decodes."""
+        if self.graphs is not None and self.graphs.captures:
+            self.graphs.release()
+            torch.cuda.empty_cache()  # else the next job's capture cannot reuse the old pool's blocks
 
     def count(self, _module, _args, kwargs) -> None:
         self.calls += 1
@@ -79,18 +91,24 @@ class Speedups:
         """For the result event: the switches that were on, and proof of what the DiT computed."""
         steps = [round(float(t), 4) for t in self.timesteps[:1] + self.timesteps[-1:]]
         return {"on": list(self.on), "compile_cache": self.compile_cache,
+                "compiled_blocks": self.compiled.report() if self.compiled else None,
+                "cuda_graphs": self.graphs.report() if self.graphs else None,
                 "dit_forwards": {"calls": self.calls, "batch_sizes": {str(b): n for b, n in sorted(self.batches.items())},
                                  "first_t": steps[0] if steps else None, "last_t": steps[-1] if steps else None}}
 
 
-def apply(pipe, device: str, names: Optional[tuple[str, ...]] = None, flash: Optional[bool] = None) -> Speedups:
+def apply(pipe, device: str, names: Optional[tuple[str, ...]] = None, flash: Optional[bool] = None,
+          offload: bool = False) -> Speedups:
     """Install the chosen switches on `pipe.transformer` (already placed) and a forward counter.
-    `flash`: whether SDPA may pick flash attention (default: a CUDA card of compute capability 8.0+)."""
+    `flash`: whether SDPA may pick flash attention (default: a CUDA card of compute capability 8.0+).
+    `graphs` is left off on a CPU and with model offload; the report's `on` says what was installed."""
     names = chosen(device) if names is None else names
     if "compile" in names and "fused" not in names:
         names = names + ("fused",)
     if flash is None:
         flash = device == "cuda" and torch.cuda.get_device_capability() >= (8, 0)
+    if "graphs" in names and (device != "cuda" or offload):
+        names = tuple(n for n in names if n != "graphs")
     transformer = pipe.transformer
     state = Speedups(on=tuple(n for n in SWITCHES if n in names))
     transformer.register_forward_pre_hook(state.count, with_kwargs=True)
@@ -99,7 +117,12 @@ def apply(pipe, device: str, names: Optional[tuple[str, ...]] = None, flash: Opt
     if "fused" in names:
         _install_fused(transformer, expand_kv="attention" in names, flash=flash)
     if "compile" in names:
-        state.compile_cache = str(_compile_blocks(transformer))
+        cache = compile_cache_dir()
+        key = fingerprint(transformer, {"expand_kv": "attention" in names, "flash": flash})
+        state.compiled, state.compile_cache = CompiledBlocks(cache, key).install(transformer), str(cache)
+    if "graphs" in names:
+        state.graphs = GraphedForward(transformer.forward)
+        transformer.forward = state.graphs
     return state
 
 
@@ -170,17 +193,9 @@ class _FusedAttnProcessor:
         return attn.to_out[0](out.transpose(1, 2).flatten(2, 3))
 
 
-def _compile_blocks(transformer) -> Path:
-    """Regional compile with Inductor's on-disk caches in ACESTEP_COMPILE_CACHE (or ~/.cache)."""
-    import torch._functorch.config
-    import torch._inductor.config
-
+def compile_cache_dir() -> Path:
+    """ACESTEP_COMPILE_CACHE (or ~/.cache/acestep-stem/compile), also Inductor's cache for its kernels."""
     cache = Path(os.environ.get(CACHE_ENV) or default_cache_dir())
     cache.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
-    torch._inductor.config.fx_graph_cache = True
-    torch._functorch.config.enable_autograd_cache = True
-    for block in transformer.layers:
-        block.compile(dynamic=True, fullgraph=True)
     return cache
-

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from conftest import run_runner, runner_env
-from runner import speedups
+from runner import compiled_blocks, speedups
 from runner.events import RunnerError
 
 
@@ -82,24 +82,50 @@ def test_each_switch_computes_what_diffusers_computes(dit_inputs, names):
 
 
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("g++")), reason="Inductor's CPU backend needs a C++ compiler")
-def test_compiled_blocks_match_eager_and_fill_the_cache(dit_inputs, tmp_path, monkeypatch):
+def test_compiled_blocks_match_eager_and_a_fresh_runner_loads_them_without_compiling(dit_inputs, tmp_path, monkeypatch,
+                                                                                     tone, tiny_checkpoint):
     import torch
 
     pipe, kwargs = dit_inputs
-    monkeypatch.setenv(speedups.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))  # apply() sets it; restored after
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(speedups.CACHE_ENV, str(cache))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))  # apply() sets it; restored after
     reference = forward(pipe.transformer, kwargs)
     transformer = fresh_transformer(pipe)
-    state = speedups.apply(SimpleNamespace(transformer=transformer), "cpu", ("contiguous", "compile"))
-    assert state.on == ("contiguous", "fused", "compile") and state.compile_cache == str(tmp_path / "cache")
+    names = ("contiguous", "fused", "compile")
+    state = speedups.apply(SimpleNamespace(transformer=transformer), "cpu", names)
+    assert state.on == names and state.compile_cache == str(cache)
     try:
         out = forward(transformer, kwargs)
         longer = {k: torch.cat([v, v], dim=1) if k in ("hidden_states", "context_latents") else v for k, v in kwargs.items()}
         forward(transformer, longer)  # another length reuses the dynamic graphs
-        assert rel_err(out, reference) < 1e-4
-        assert any((tmp_path / "cache" / "fxgraph").rglob("*")), "nothing was written to the on-disk compile cache"
     finally:
         torch._dynamo.reset()
+    assert rel_err(out, reference) < 1e-4
+    report = state.report()["compiled_blocks"]
+    # The tiny DiT alternates sliding-window (masked) and full-attention blocks: one artifact each, at batch 2.
+    assert report["compiled"] == ["mask-bn", "nomask-bn"] and report["loaded"] == [] and report["eager_calls"] == 0
+    assert sorted(p.name for p in cache.glob("*" + compiled_blocks.SUFFIX)) == sorted(
+        state.compiled.path(kind).name for kind in ("mask-bn", "nomask-bn"))
+    assert not list(cache.glob("*.part")), "a half-written artifact was left behind"
+
+    # The next process (the runner: one per job) loads both artifacts instead of compiling.
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    run = run_runner("lego", "--source", tone(seconds=1.0), "--track", "drums", "--bpm", "120", "--checkpoints", tiny_checkpoint,
+                     "--out", out_dir, "--steps", "2", "--seed", "7", "--device", "cpu",
+                     env=runner_env(ACESTEP_SPEEDUPS=",".join(names), ACESTEP_COMPILE_CACHE=str(cache)))
+    assert run.returncode == 0, run.stderr
+    fresh = run.of("result")[0]["speedups"]["compiled_blocks"]
+    assert fresh["loaded"] == ["mask-bn", "nomask-bn"] and fresh["compiled"] == [] and fresh["eager_calls"] == 0
+
+
+def test_graphs_are_left_off_where_they_cannot_run(dit_inputs):
+    pipe, _ = dit_inputs
+    for device, offload in (("cpu", False), ("cuda", True)):
+        state = speedups.apply(SimpleNamespace(transformer=fresh_transformer(pipe)), device, ("contiguous", "graphs"),
+                               flash=False, offload=offload)
+        assert state.on == ("contiguous",) and state.report()["cuda_graphs"] is None
 
 
 def test_runner_reports_switches_and_the_same_stem_without_them(tmp_path, tone, tiny_checkpoint):

@@ -113,7 +113,7 @@ REGISTRY: tuple[Setting, ...] = (
             choices=("auto", "bfloat16", "float16", "float32")),
     Setting("ACESTEP_OFFLOAD", "choice", "auto", "Model CPU offload passed to the runner (`--offload`).", choices=("auto", "on", "off")),
     Setting("ACESTEP_SPEEDUPS", "str", "default",
-            "The diffusers engine's DiT speed-ups (docs/PERFORMANCE.md): `default` (contiguous, fused, attention), `none`, or a comma list of contiguous, fused, attention, compile."),
+            "The diffusers engine's DiT speed-ups (docs/PERFORMANCE.md): `default` (contiguous, fused, attention), `none`, or a comma list of contiguous, fused, attention, compile, graphs."),
     Setting("ACESTEP_CONFIG_PATH", "str", "acestep-v15-base",
             "The DiT's sub-folder in ACE-Step's checkpoint layout (the seed's setting; only the base model has the lego task)."),
     Setting("ACESTEP_INIT_LLM", "bool", "false",

@@ -161,7 +161,7 @@ class DiffusersEngine:
             pipe.enable_model_cpu_offload()
         else:
             pipe.to(options.device)
-        self.speedups = speedups.apply(pipe, options.device)
+        self.speedups = speedups.apply(pipe, options.device, offload=options.device == "cuda" and options.offload)
         self.pipe, self.options = pipe, options
 
     def sampling_for(self, job: LegoJob) -> sampling.Sampling:
@@ -194,6 +194,7 @@ class DiffusersEngine:
         try:
             with torch.inference_mode(), official_source_encoding(pipe, settings):
                 latents = pipe(**pipeline_arguments(job, settings, source, generators, step_end)).audios
+                self.speedups.release()
                 on_stage("decoding")
                 audio = decode(pipe.vae, latents, self.options.device)
                 pipe.maybe_free_model_hooks()
