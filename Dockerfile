@@ -134,7 +134,7 @@ RUN pip install --no-cache-dir --no-deps . \
 # the measurements in docs/PERFORMANCE.md: dtype auto, which on a T4 (sm_75, no native bfloat16)
 # is float16 with one float32 retry when the output comes out NaN or silent; offload on (the text
 # encoder and VAE leave the GPU between uses), which kept a 240 s source at 6,669 MiB in float16
-# (guidance on) and 11,267 MiB in float32 (measured before guidance); no keep-warm, so the service holds no VRAM while idle. No language model, ever. ACESTEP_CONFIG_PATH is the seed's DiT folder name.
+# (guidance on) and 11,117 MiB in float32 (240 s, guidance on); no keep-warm, so the service holds no VRAM while idle. No language model, ever. ACESTEP_CONFIG_PATH is the seed's DiT folder name.
 # ACE-Step's own ACESTEP_CHECKPOINTS_DIR / ACESTEP_PROJECT_ROOT are deliberately left unset: the
 # runner hands ACE-Step a private view of the checkpoint folder (so it never downloads the parts
 # lego does not use), and those variables would point it back at the real folder.
