@@ -329,7 +329,7 @@ def main(argv=None) -> int:
     parser.add_argument("--loop-variants", default="", help="variants also run through the full loop (default: the last)")
     parser.add_argument("--cold-runs", type=int, default=2)
     parser.add_argument("--cold-settings", default="none;default", help="ACESTEP_SPEEDUPS values for the cold runs, ';'-separated")
-    parser.add_argument("--fresh-variant", default="compile", help="the variant whose fresh-process first call is measured")
+    parser.add_argument("--fresh-variant", default="compile", help="the variant whose fresh-process first call is measured (none: skip)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.project:
@@ -350,7 +350,8 @@ def main(argv=None) -> int:
         guarded(f"measure_{dtype_name}", measure_dtype, args.checkpoints, dtype_name, args, ceil)
     from benchmarks import cold_compile
 
-    guarded("fresh", cold_compile.fresh_processes, args.checkpoints, args, emit)
+    if args.fresh_variant != "none":
+        guarded("fresh", cold_compile.fresh_processes, args.checkpoints, args, emit)
     if args.cold_runs:
         guarded("cold", cold_compile.cold_runner, args.checkpoints, args, emit)
     if args.device == "cuda":

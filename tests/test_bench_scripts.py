@@ -1,0 +1,23 @@
+"""The GPU speed benchmark's code path on the tiny checkpoint (CPU, float32), so the script the
+H200 figures come from cannot rot between lent-machine runs: its proof rows must show the doubled
+batch and one DiT call per step, and it must end without a recorded failure."""
+from __future__ import annotations
+
+from benchmarks import step_speed
+
+
+def test_step_speed_runs_its_real_path_on_the_tiny_checkpoint(tiny_checkpoint, tmp_path):
+    step_speed.RESULTS.clear()
+    assert step_speed.main(["--device", "cpu", "--dtypes", "float32", "--checkpoints", str(tiny_checkpoint),
+                            "--work", str(tmp_path), "--seconds", "2", "--variants", "eager,attention",
+                            "--loop-variants", "attention", "--steps-list", "2,3", "--repeats", "1",
+                            "--cold-runs", "0", "--fresh-variant", "none"]) == 0
+    results = step_speed.RESULTS
+    assert not [k for k in results if k.endswith("_error")], {k: v for k, v in results.items() if k.endswith("_error")}
+    assert results["float32_proof_forward_inputs"]["hidden_states"][0] == 2  # guidance doubled the batch
+    for name in ("eager", "attention"):
+        for steps in (2, 3):
+            row = results[f"float32_steps_{name}_{steps}"]
+            assert row["dit"]["calls"] == steps and row["dit"]["batch_sizes"] == {"2": steps} and row["finite"]
+    assert results["float32_variant_attention"]["on"] == ["contiguous", "fused", "attention"]
+    assert results["float32_variant_attention"]["rel_err_vs_eager"] < 1e-5
