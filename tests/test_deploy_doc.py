@@ -46,8 +46,8 @@ def test_the_tokens_arithmetic_holds_for_the_default():
     mib_per_token = 15_360 / 13_000
     table = section("Sizing")
     assert f"| {default:,} (the default) | about {round(default * mib_per_token):,} |" in table
-    retry_peak = 11_267  # float32, offload on, 240 s: PERFORMANCE.md
-    assert f"{retry_peak:,}" in PERFORMANCE
+    # float32, offload on, batch 1: the T4 table's row in PERFORMANCE.md, where the measured peak lives.
+    retry_peak = int(re.search(r"^\| float32 \| on \| 1 \| ([\d,]+) MiB \|", PERFORMANCE, re.M).group(1).replace(",", ""))
     needed = round(retry_peak / mib_per_token)
     assert f"| {needed:,} | about {retry_peak:,} |" in table and f"QUEUE_TOKENS={needed}" in table
     covers_retry = default * mib_per_token >= retry_peak
