@@ -3,15 +3,15 @@
 The runner is a fresh process per job. torch.compile's on-disk caches skip Inductor's code generation
 but not Dynamo's trace nor AOTAutograd's setup: 8-20 s before the first compiled forward on the H200
 (docs/PERFORMANCE.md). So each kind of block call (with or without the sliding-window mask; batch 1,
-or more) is compiled ahead of time, saved in ACESTEP_COMPILE_CACHE under a fingerprint of everything
-the graph depends on, and a later process loads that file instead of tracing. Two formats
-(`ACESTEP_COMPILE_FORMAT`): `precompile`, torch's precompile API (`torch.compile(...).aot_compile`,
-experimental in torch 2.11: Inductor's Python wrapper and Triton kernels, loaded through Python), and
-`aoti`, an AOTInductor package (torch.export, then one compiled library with its kernels inside).
+or more) is compiled ahead of time with torch's precompile API (`torch.compile(...).aot_compile`,
+experimental in torch 2.11), saved in ACESTEP_COMPILE_CACHE under a fingerprint of everything the
+graph depends on, and a later process loads that file instead of tracing. (AOTInductor packages were
+tried as the stored form and measured worse on the H200: 119 s to compile, 45.7 s to load, and no
+CUDA-graph capture; docs/PERFORMANCE.md.)
 
-The block's weights are inputs of the compiled function, so one artifact serves all 24 blocks, and
-any checkpoint of the same shapes. Shapes are dynamic (source length and batch). A call the artifact
-refuses runs the block as it is, and is counted.
+The block is an argument of the compiled function, so its weights are graph inputs: one artifact
+serves all 24 blocks, and any checkpoint of the same shapes. Shapes are dynamic (source length and
+batch). A call the artifact's guards refuse runs the block as it is, and is counted.
 """
 from __future__ import annotations
 
@@ -27,9 +27,7 @@ from pathlib import Path
 import torch
 from diffusers.models.transformers.ace_step_transformer import AceStepTransformerBlock
 
-FORMAT_ENV = "ACESTEP_COMPILE_FORMAT"
-FORMATS = ("precompile", "aoti")
-SUFFIXES = {"precompile": ".block", "aoti": ".pt2"}
+SUFFIX = ".block"
 _OWNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # block -> its CompiledBlocks
 
 
@@ -72,8 +70,7 @@ def fingerprint(transformer, flags: dict) -> str:
 
 @dataclass
 class CompiledBlocks:
-    """Installed on every block of one transformer; `report` says where each artifact came from.
-    The format's own parts (`_load_file`, `_build`, `_accepts`, `_run`) are in the subclasses."""
+    """Installed on every block of one transformer; `report` says where each artifact came from."""
 
     cache: Path
     key: str
@@ -82,7 +79,6 @@ class CompiledBlocks:
     seconds: float = 0.0
     eager_calls: int = 0
     _fns: dict = field(default_factory=dict)
-    format = ""
 
     def install(self, transformer) -> "CompiledBlocks":
         import torch._inductor.config
@@ -97,10 +93,10 @@ class CompiledBlocks:
         return self
 
     def call(self, *args):
-        """One block call: through the compiled function of its kind, or as it is where that refuses it."""
+        """One block call: through the compiled function of its kind, or as it is where the guards refuse it."""
         fn = self._fn(args[:6]) if args[6] is None else None
-        if fn is not None and self._accepts(fn, args[:6]):
-            return self._run(fn, args[:6])
+        if fn is not None and fn.guard_check(*args[:6]):
+            return fn(*args[:6])
         self.eager_calls += 1
         return _block_call(*args)
 
@@ -108,22 +104,22 @@ class CompiledBlocks:
         kind = ("mask" if args[4] is not None else "nomask") + ("-b1" if args[1].shape[0] == 1 else "-bn")
         if kind not in self._fns:
             start = time.perf_counter()
-            fn = self._load(kind)
-            if fn is None:
-                fn = self._compile(kind, args)
+            fn = self._load(kind) or self._compile(kind, args)
+            fn.disable_guard_check()  # checked once per call by the wrapper above
             self._fns[kind] = fn
             self.seconds += time.perf_counter() - start
         return self._fns[kind]
 
     def path(self, kind: str) -> Path:
-        return self.cache / f"dit-{self.key}-{self.format}-{kind}{SUFFIXES[self.format]}"
+        return self.cache / f"dit-{self.key}-{kind}{SUFFIX}"
 
     def _load(self, kind: str):
         path = self.path(kind)
         if not path.is_file():
             return None
         try:
-            fn = self._load_file(path)
+            with _dynamo_settings(), path.open("rb") as f:
+                fn = torch.compiler.load_compiled_function(f)
         except Exception:  # noqa: BLE001 - an unreadable or stale artifact is compiled again
             path.unlink(missing_ok=True)
             return None
@@ -131,12 +127,18 @@ class CompiledBlocks:
         return fn
 
     def _compile(self, kind: str, args):
+        # Fresh dense copies as examples: a view (the first block's input is one) would add guards on its base.
+        examples = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        with _dynamo_settings():
+            compiled = torch.compile(_block_call, fullgraph=True, dynamic=True,
+                                     options={"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe})
+            fn = compiled.aot_compile((examples, {}))
         path = self.path(kind)
         # Written under a temporary name in the same folder, then renamed: whole or absent, since
-        # another runner may be loading it. (AOTInductor insists on the .pt2 ending.)
-        tmp = self.cache / f".{path.stem}.{os.getpid()}.part{path.suffix}"
+        # another runner may be loading it.
+        tmp = self.cache / f".{path.name}.{os.getpid()}.part"
         try:
-            fn = self._build(kind, args, tmp)
+            fn.save_compiled_function(str(tmp))
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -144,91 +146,8 @@ class CompiledBlocks:
         return fn
 
     def report(self) -> dict:
-        return {"format": self.format, "loaded": sorted(self.loaded), "compiled": sorted(self.compiled),
-                "seconds": round(self.seconds, 2), "eager_calls": self.eager_calls}
-
-
-class PrecompiledBlocks(CompiledBlocks):
-    """torch's precompile API: Dynamo's guards are kept and checked on each call."""
-
-    format = "precompile"
-
-    def _load_file(self, path: Path):
-        with _dynamo_settings(), path.open("rb") as f:
-            fn = torch.compiler.load_compiled_function(f)
-        fn.disable_guard_check()  # checked once per call by `_accepts`
-        return fn
-
-    def _build(self, kind: str, args, tmp: Path):
-        # Fresh dense copies as examples: a view (the first block's input is one) would add guards on its base.
-        examples = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-        with _dynamo_settings():
-            compiled = torch.compile(_block_call, fullgraph=True, dynamic=True,
-                                     options={"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe})
-            fn = compiled.aot_compile((examples, {}))
-        fn.save_compiled_function(str(tmp))
-        fn.disable_guard_check()
-        return fn
-
-    def _accepts(self, fn, args) -> bool:
-        return fn.guard_check(*args)
-
-    def _run(self, fn, args):
-        return fn(*args)
-
-
-class AOTIBlocks(CompiledBlocks):
-    """AOTInductor: the block exported with its weights as inputs, compiled into one package."""
-
-    format = "aoti"
-
-    def _load_file(self, path: Path):
-        return torch._inductor.aoti_load_package(str(path))
-
-    def _build(self, kind: str, args, tmp: Path):
-        block, hidden, (cos, sin), temb, mask, enc = args
-        masked = mask is not None
-        batch = torch.export.Dim("batch", min=2) if kind.endswith("-bn") else None
-        frames, words = torch.export.Dim("frames", min=2), torch.export.Dim("words", min=2)
-        with torch.inference_mode(False), torch.no_grad():
-            inputs = [hidden.clone(), cos.clone(), sin.clone(), temb.clone()] + ([mask.clone()] if masked else []) + [enc.clone()]
-            shapes = [{0: batch, 1: frames}, {0: frames}, {0: frames}, {0: batch}] + (
-                [{2: frames, 3: frames}] if masked else []) + [{0: batch, 1: words}]
-            weights = tuple(p.detach().clone() for p in block.parameters())
-            program = torch.export.export(_WeightsAsInputs(block, masked), (*inputs, *weights),
-                                          dynamic_shapes=(*shapes[:4], (*shapes[4:], *(None for _ in weights))))
-            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
-        return self._load_file(tmp)
-
-    def _accepts(self, fn, args) -> bool:
-        return True  # the kind fixes the structure, the package checks the shapes
-
-    def _run(self, fn, args):
-        block, hidden, (cos, sin), temb, mask, enc = args
-        inputs = [hidden, cos, sin, temb] + ([mask] if mask is not None else []) + [enc]
-        return fn(*inputs, *block.parameters())
-
-
-class _WeightsAsInputs(torch.nn.Module):
-    """A block's forward with its parameters passed in, so the exported program holds no weights."""
-
-    def __init__(self, block, masked: bool):
-        super().__init__()
-        object.__setattr__(self, "_block", block)  # not a submodule: its parameters must not be captured
-        self.masked, self.names = masked, [name for name, _ in block.named_parameters()]
-
-    def forward(self, hidden, cos, sin, temb, *rest):
-        from torch.nn.utils.stateless import _reparametrize_module
-
-        mask, enc, weights = (rest[0], rest[1], rest[2:]) if self.masked else (None, rest[0], rest[1:])
-        # torch.func.functional_call would call the block, i.e. the compiled wrapper: reparametrise and
-        # run the stock forward instead.
-        with _reparametrize_module(self._block, dict(zip(self.names, weights))):
-            return _block_call(self._block, hidden, (cos, sin), temb, mask, enc)
-
-
-def blocks_for(format_name: str, cache: Path, key: str) -> CompiledBlocks:
-    return {"precompile": PrecompiledBlocks, "aoti": AOTIBlocks}[format_name](cache, key)
+        return {"loaded": sorted(self.loaded), "compiled": sorted(self.compiled), "seconds": round(self.seconds, 2),
+                "eager_calls": self.eager_calls}
 
 
 def _dynamo_settings():

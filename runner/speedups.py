@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from runner.compiled_blocks import FORMAT_ENV, FORMATS, CompiledBlocks, blocks_for, fingerprint
+from runner.compiled_blocks import CompiledBlocks, fingerprint
 from runner.contract import SPEEDUP_SWITCHES as SWITCHES, speedup_names
 from runner.cuda_graphs import GraphedForward
 from runner.events import bad_input
@@ -45,9 +45,6 @@ CACHE_ENV = "ACESTEP_COMPILE_CACHE"
 # model offload, the T4's recommended setting, they cannot run at all. A fresh process still
 # spends 3.5 s loading the compiled blocks, more than their 50 steps save at 120 s on the H200.
 DEFAULTS = {"cuda": ("contiguous", "fused", "attention"), "cpu": ("contiguous", "fused", "attention")}
-
-
-DEFAULT_FORMAT = "precompile"
 
 
 def default_cache_dir() -> Path:
@@ -122,8 +119,7 @@ def apply(pipe, device: str, names: Optional[tuple[str, ...]] = None, flash: Opt
     if "compile" in names:
         cache = compile_cache_dir()
         key = fingerprint(transformer, {"expand_kv": "attention" in names, "flash": flash})
-        state.compiled = blocks_for(compile_format(), cache, key).install(transformer)
-        state.compile_cache = str(cache)
+        state.compiled, state.compile_cache = CompiledBlocks(cache, key).install(transformer), str(cache)
     if "graphs" in names:
         state.graphs = GraphedForward(transformer.forward)
         transformer.forward = state.graphs
@@ -195,14 +191,6 @@ class _FusedAttnProcessor:
             scale=attn.scaling, enable_gqa=gqa,
         )
         return attn.to_out[0](out.transpose(1, 2).flatten(2, 3))
-
-
-def compile_format() -> str:
-    """ACESTEP_COMPILE_FORMAT: how the compiled blocks are stored (runner/compiled_blocks.py)."""
-    value = os.environ.get(FORMAT_ENV, "").strip().lower() or DEFAULT_FORMAT
-    if value not in FORMATS:
-        raise bad_input("bad_speedups", f"{FORMAT_ENV}={value!r}: give one of {', '.join(FORMATS)}.")
-    return value
 
 
 def compile_cache_dir() -> Path:
