@@ -25,7 +25,7 @@ from webapp.job_store import JobStore
 from webapp.journal import Journal
 from webapp.lease_keeper import LeaseKeeper
 from webapp.leases import Leases
-from webapp.runner_process import RunnerRegistry
+from webapp.runner_registry import RunnerRegistry
 from webapp.service import PROJECT_ROOT, Service, runner_command
 from webapp.uploads import jobs_root, tmp_root
 

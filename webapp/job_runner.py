@@ -30,7 +30,8 @@ from webapp.job_state import STAGE_PROGRESS, Job, JobState
 from webapp.job_store import JobStore
 from webapp.leases import Lease, Leases
 from webapp.logs import event
-from webapp.runner_process import RunnerOutcome, RunnerProcess, RunnerRegistry
+from webapp.runner_process import RunnerOutcome, RunnerProcess
+from webapp.runner_registry import RunnerRegistry
 
 log = logging.getLogger("acestep.webapp.jobs")
 TAIL_BYTES = 4000

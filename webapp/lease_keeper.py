@@ -20,7 +20,7 @@ from webapp.journal import Journal
 from webapp.leases import Leases
 from webapp.logs import event
 from webapp.procinfo import ProcessId, alive, end_group
-from webapp.runner_process import RunnerRegistry
+from webapp.runner_registry import RunnerRegistry
 
 log = logging.getLogger("acestep.webapp.leases")
 

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Callable
 
 from runner.contract import ContractError, EventType, ExitStatus, decode_event, encode_job
-from webapp.journal import Journal
 from webapp.logs import event
-from webapp.procinfo import ProcessId, identity, me
+from webapp.procinfo import ProcessId, identity
+from webapp.runner_registry import RunnerRegistry
 from webapp.settings import BY_NAME
 
 log = logging.getLogger("acestep.webapp.runner")
@@ -62,30 +62,6 @@ _NEXT = {RunnerState.STARTING: {RunnerState.IDLE, RunnerState.BUSY, RunnerState.
          RunnerState.IDLE: {RunnerState.BUSY, RunnerState.ENDING, RunnerState.EXITED},
          RunnerState.BUSY: {RunnerState.IDLE, RunnerState.ENDING, RunnerState.EXITED},
          RunnerState.ENDING: {RunnerState.EXITED}, RunnerState.EXITED: set()}
-
-
-class RunnerRegistry:
-    """The runners this process has alive, mirrored in the journal from spawn to reap."""
-
-    def __init__(self, journal: Journal):
-        self.journal = journal
-        self.holder = me()
-        self._live: dict[ProcessId, "RunnerProcess"] = {}
-        self._lock = threading.Lock()
-
-    def spawned(self, runner: "RunnerProcess") -> None:
-        with self._lock:
-            self._live[runner.ident] = runner
-        self.journal.write_runner(runner.ident, self.holder, runner.argv[0])  # OSError: the caller ends it
-
-    def reaped(self, runner: "RunnerProcess") -> None:
-        with self._lock:
-            self._live.pop(runner.ident, None)
-        self.journal.remove_runner(runner.ident)
-
-    def live_ids(self) -> set[ProcessId]:
-        with self._lock:
-            return set(self._live)
 
 
 @dataclass
