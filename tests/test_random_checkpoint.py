@@ -66,3 +66,24 @@ def test_without_guidance_the_batch_is_not_doubled(engine):
     calls = transformer_calls(engine, 1, guidance=1.0, steps=2)
     assert [size for size, _ in calls] == [1, 1]
     assert torch.tensor(calls[0][1]).item() == 1.0
+
+
+def test_the_tiny_vae_is_acesteps_oobleck_with_its_strides_reordered(tiny_checkpoint):
+    """The tiny VAE is diffusers' AutoencoderOobleck as the converter writes it: ACE-Step's five strides
+    (1920 samples per latent frame), 64 latent channels from 128 encoder outputs (mean and scale).
+    Only the order of the strides differs from the real one, so that one block, not two, runs at 48 kHz."""
+    from diffusers import AutoencoderOobleck
+
+    from runner import random_checkpoint
+
+    vae = AutoencoderOobleck.from_pretrained(str(tiny_checkpoint / "vae"))
+    config = vae.config
+    assert sorted(config.downsampling_ratios) == sorted(random_checkpoint.VAE_RATIOS)
+    assert config.downsampling_ratios[0] == max(config.downsampling_ratios)  # the longest stride first
+    assert vae.hop_length == sampling.LATENT_SAMPLES == 1920
+    assert config.encoder_hidden_size == 128 and config.decoder_input_channels == 64 and config.audio_channels == 2
+    with torch.inference_mode():
+        latent = vae.encode(torch.zeros(1, 2, 2 * 48000)).latent_dist
+        assert latent.mean.shape == (1, 64, 50)  # 25 frames a second
+        assert vae.decode(latent.mean).sample.shape == (1, 2, 2 * 48000)
+
