@@ -87,3 +87,18 @@ def test_the_tiny_vae_is_acesteps_oobleck_with_its_strides_reordered(tiny_checkp
         assert latent.mean.shape == (1, 64, 50)  # 25 frames a second
         assert vae.decode(latent.mean).sample.shape == (1, 2, 2 * 48000)
 
+
+def test_the_source_is_encoded_piece_by_piece_with_progress(engine):
+    """encode_source reports each piece as it is done (a long source on a CPU takes minutes there)."""
+    from runner.engines.diffusers_engine import encode_source
+
+    vae = engine.pipe.vae
+    frames = 50  # 2 s, in two pieces of 1 s
+    audio = torch.from_numpy(np.random.default_rng(1).uniform(-0.3, 0.3, (1, 2, frames * sampling.LATENT_SAMPLES)).astype(np.float32))
+    half = frames // 2 * sampling.LATENT_SAMPLES
+    tiles = [sampling.Tile(0, half, 0, 0), sampling.Tile(half, audio.shape[-1], 0, 0)]
+    reported = []
+    with torch.inference_mode():
+        latents = encode_source(vae, audio, None, tiles, lambda done, total: reported.append((done, total)))
+    assert reported == [(1, 2), (2, 2)]
+    assert latents.shape == (1, 64, frames)
