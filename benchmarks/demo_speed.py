@@ -7,8 +7,9 @@ exactly as a person would, on synthetic 48 kHz stereo sources, pinned to `--core
 prints a time it checks what ran: the stem's frame count equals the source's, and the DiT forward
 count from the result event (`speedups.dit_forwards`) equals the steps. The phases (loading,
 encoding, diffusion, decoding, writing) are the gaps between the runner's stage events, stamped as
-each line arrives; it prints seconds per minute of source for each. Not a test: nothing is asserted
-about the time.
+each line arrives; it prints seconds per minute of source for each, and the runner's CPU seconds
+(user + system: on a shared machine, less sensitive to other processes than the wall clock). Not
+a test: nothing is asserted about the time.
 
     .venv/bin/python benchmarks/demo_speed.py                # 30 s and 120 s sources, 2 cores, 50 steps
     .venv/bin/python benchmarks/demo_speed.py --durations 30 --json demo.json
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -71,7 +73,7 @@ def run_job(ckpt: Path, source: Path, out: Path, steps: int, cores: int) -> dict
     argv = [sys.executable, "-m", "runner", "--json", "lego", "--source", str(source), "--track", "vocals", "--bpm", "120",
             "--checkpoints", str(ckpt), "--out", str(out), "--steps", str(steps), "--seed", "1", "--device", "cpu",
             "--dtype", "float32", "--offload", "off", "--engine", "diffusers"]
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
                             preexec_fn=preexec)
     marks, result, progress = [], None, 0
@@ -87,13 +89,14 @@ def run_job(ckpt: Path, source: Path, out: Path, steps: int, cores: int) -> dict
             result = event
     stderr = proc.stderr.read()
     status = proc.wait()
-    ended = time.perf_counter()
+    ended, cpu_after = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     if status != 0 or result is None or result["event"] != EventType.RESULT.value:
         raise RuntimeError(f"the runner failed (exit {status}): {result}\n{stderr[-1500:]}")
     phases = {}
     for (stage, at), (_next, until) in zip(marks, marks[1:] + [("end", ended)]):
         phases[stage] = phases.get(stage, 0.0) + until - at
-    return {"wall_s": ended - started, "phases": phases, "result": result, "progress_events": progress,
+    return {"wall_s": ended - started, "cpu_s": cpu_s, "phases": phases, "result": result, "progress_events": progress,
             "stages": [stage for stage, _ in marks], "threads": threads}
 
 
@@ -139,17 +142,18 @@ def main() -> int:
             run = run_job(ckpt, source, work / "out", args.steps, args.cores)
             proof = check(run, source, args.steps)
             per_minute = {phase: round(run["phases"].get(phase, 0.0) * 60 / seconds, 2) for phase in PHASES}
-            row = {"source_s": seconds, "threads": run["threads"], "wall_s": round(run["wall_s"], 2),
+            row = {"source_s": seconds, "threads": run["threads"], "wall_s": round(run["wall_s"], 2), "cpu_s": round(run["cpu_s"], 1),
                    "per_minute_of_source_s": per_minute, "phases_s": {k: round(v, 2) for k, v in run["phases"].items()},
                    "runner_timings": run["result"].get("timings"), "progress_events": run["progress_events"], **proof}
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{env['cpu']}, {rows[0]['threads'] if rows else args.cores} cores pinned, {args.steps} steps, {env['date']}")
-    print("source_s  frames    dit_calls  wall_s   seconds per minute of source: load  encode  diffuse  decode  write")
+    print("                                      seconds per minute of source")
+    print("source_s   frames  dit_calls  wall_s   cpu_s    load  encode  diffuse  decode  write")
     for r in rows:
         m, calls = r["per_minute_of_source_s"], " ".join(f"{n}xB{b}" for b, n in r["dit_forwards"]["batch_sizes"].items())
-        print(f"{r['source_s']:8}  {r['frames']:8}  {calls:9}  {r['wall_s']:6}   {'':30}{m['loading']:5}  {m['encoding']:6}  "
-              f"{m['generating']:7}  {m['decoding']:6}  {m['writing']:5}")
+        print(f"{r['source_s']:8} {r['frames']:8}  {calls:9} {r['wall_s']:7} {r['cpu_s']:7}  {m['loading']:6} {m['encoding']:7} "
+              f"{m['generating']:8} {m['decoding']:7} {m['writing']:6}")
     if args.json:
         args.json.write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
     return 0
