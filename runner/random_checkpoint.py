@@ -26,8 +26,8 @@ LATENT_CHANNELS = 64
 # The tiny VAE's strides: the same five, longest first. Its encoder runs every block at 128 channels
 # (encoder_hidden_size is twice the 64 latent channels: mean and scale; diffusers prepends multiple 1),
 # and each block's three residual units run at its input rate: in the real order the first two blocks
-# run at 48 and 24 kHz, in this one only the first at 48 kHz and the next at 4.8 kHz. That takes a
-# third off the demo's encoding (docs/PERFORMANCE.md, "The demo model on a CPU"); the hop is still 1920.
+# run at 48 and 24 kHz, in this one only the first at 48 kHz and the next at 4.8 kHz. That takes about
+# a third off a demo job's CPU time (docs/PERFORMANCE.md, "The demo model on a CPU"); the hop is still 1920.
 TINY_VAE_RATIOS = sorted(VAE_RATIOS, reverse=True)
 
 SIZES = {
