@@ -43,7 +43,7 @@ def transformer_calls(engine, batch: int, guidance: float, steps: int = 5) -> li
                   guidance_scale=guidance)
     hook = engine.pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        engine.generate(job, lambda stage: None, lambda step, total: None)
+        engine.generate(job, lambda stage: None, lambda *progress: None)
     finally:
         hook.remove()
     return calls
