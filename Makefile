@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # the Docker image installs the official repository.
 ACESTEP_FORK := ace-step15-fork==20260212 nano-vllm-fork==20260210
 
-.PHONY: serve test bench install system-deps test-deps image-env official-check parity-check
+.PHONY: serve test bench bench-demo install system-deps test-deps image-env official-check parity-check
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ bench: install
 	$(PY) benchmarks/rq_bench.py overhead --repeats 3
 	$(PY) benchmarks/gpu_bench.py --work $${TMPDIR:-/tmp}/acestep-bench-cpu --size tiny --device cpu \
 	    --durations 1,2 --steps 2 --groups float32:off:1 --parts memory,coldstart --cold-seconds 2 --short-seconds 1
+
+# The demo model on a CPU: the real runner on the tiny checkpoint, 30 s and 120 s sources, 2 cores, seconds per
+# minute of source per phase (docs/PERFORMANCE.md, "The demo model on a CPU"). A few minutes on 2 cores.
+bench-demo: install
+	$(PY) benchmarks/demo_speed.py
 
 # The Docker image's Python environment (image/requirements.txt) in a venv, for a machine without
 # Docker; IMAGE_ENV chooses where (default .image-env, ignored by git).

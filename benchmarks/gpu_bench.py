@@ -45,16 +45,31 @@ def nvsmi(query: str) -> str:
     return out.splitlines()[0].strip()
 
 
-def nvsmi_used_mib() -> int:
+def nvsmi_used_mib() -> int | None:
+    """None where there is no GPU to read: JSON null, "n/a" in the printed table (never a made-up number)."""
     value = nvsmi("memory.used")
-    return int(value) if value else -1
+    return int(value) if value else None
+
+
+def higher(a: int | None, b: int | None) -> int | None:
+    """The higher of two readings, either of which may be missing."""
+    return b if a is None else a if b is None else max(a, b)
+
+
+def shown(value) -> str:
+    """A reading for the printed table: "n/a" where none exists."""
+    return "n/a" if value is None else str(value)
+
+
+def to_mib(value: int | None) -> int | None:
+    return None if value is None else value // MIB
 
 
 class Sampler:
     """Polls nvidia-smi in a thread; `window()` returns the highest reading since the last call."""
 
     def __init__(self, period: float = 0.05):
-        self.period, self.high, self._stop = period, 0, threading.Event()
+        self.period, self.high, self._stop = period, None, threading.Event()
         self.lock, self.epoch = threading.Lock(), 0
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -65,10 +80,10 @@ class Sampler:
             reading = nvsmi_used_mib()  # slow: a window may open meanwhile
             with self.lock:
                 if epoch == self.epoch:  # a reading begun before `window()` belongs to the old window
-                    self.high = max(self.high, reading)
+                    self.high = higher(self.high, reading)
             time.sleep(self.period)
 
-    def window(self) -> int:
+    def window(self) -> int | None:
         with self.lock:
             high, self.high = self.high, nvsmi_used_mib()
             self.epoch += 1
@@ -170,8 +185,8 @@ def part_memory(ckpt: Path, work: Path, durations: list[int], steps: int, groups
                 row.update(error=result["code"], message=result["message"][:200])
             else:
                 row.update(dit=(result.get("speedups") or {}).get("dit_forwards"), speedups=(result.get("speedups") or {}).get("on"),
-                           timings=result["timings"], peak_reserved_mib=(result["peak_vram_bytes"] or 0) // MIB,
-                           peak_allocated_mib=(result["peak_vram_allocated_bytes"] or 0) // MIB)
+                           timings=result["timings"], peak_reserved_mib=to_mib(result["peak_vram_bytes"]),
+                           peak_allocated_mib=to_mib(result["peak_vram_allocated_bytes"]))
                 for output in result["outputs"]:
                     Path(output["path"]).unlink(missing_ok=True)
             rows.append(row)
@@ -243,30 +258,35 @@ def BF16() -> str:
     return "bfloat16" if DEVICE == "cuda" else "float32"
 
 
+def label(what: str, seconds: int, dtype: str) -> str:
+    """A result's key says what ran: e.g. cold_lego_120s_bfloat16_cuda, or cold_lego_2s_float32_cpu for the smoke run."""
+    return f"{what}_{seconds}s_{dtype}_{DEVICE}"
+
+
 def part_coldstart(ckpt: Path, work: Path, steps: int, long_s: int = 120, short_s: int = 30) -> dict:
     src30, src120 = make_source(work, short_s), make_source(work, long_s)
     report = {}
     if DEVICE == "cuda":
-        report = {"weights_copy": weights_copy_seconds(ckpt), "load_strategies_bf16": load_strategies(ckpt, "bfloat16")}
+        report = {"weights_copy": weights_copy_seconds(ckpt), "load_strategies_bfloat16_cuda": load_strategies(ckpt, "bfloat16")}
     # A cold one-shot `lego` process, as the seed runs every job, twice (page cache warm both times).
     cold = []
     for _ in range(2):
         start = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "runner", "lego", "--source", str(src120), "--track", "vocals",
                                "--bpm", "120", "--checkpoints", str(ckpt), "--out", str(work), "--steps", str(steps),
-                               "--seed", "1", "--device", DEVICE, "--dtype", "bfloat16" if DEVICE == "cuda" else "float32", "--offload", "off"],
+                               "--seed", "1", "--device", DEVICE, "--dtype", BF16(), "--offload", "off"],
                               capture_output=True, text=True, cwd=REPO, env=runner_env())
         wall = time.perf_counter() - start
         result = [json.loads(l) for l in done.stdout.splitlines() if '"result"' in l]
         cold.append({"wall_s": round(wall, 2), "timings": result[0]["timings"] if result else done.stderr[-800:]})
-    report["cold_lego_120s_bf16"] = cold
+    report[label("cold_lego", long_s, BF16())] = cold
     # A runner started ahead of time: imports done, no CUDA touched, waiting on stdin.
     serve = Serve()
     idle_mib = nvsmi_used_mib()
     result, latency = serve.job(**job_args(ckpt, src120, work, BF16(), "off", 1, steps))
     again, latency_again = serve.job(**job_args(ckpt, src120, work, BF16(), "off", 1, steps))
     serve.close()
-    report["prestarted_120s_bf16"] = {"ready_s": round(serve.ready_s, 2), "import_s": serve.import_s,
+    report[label("prestarted", long_s, BF16())] = {"ready_s": round(serve.ready_s, 2), "import_s": serve.import_s,
                                       "gpu_mib_while_waiting": idle_mib, "first_job_s": round(latency, 2),
                                       "first_timings": result.get("timings"), "warm_job_s": round(latency_again, 2),
                                       "warm_timings": again.get("timings")}
@@ -275,14 +295,14 @@ def part_coldstart(ckpt: Path, work: Path, steps: int, long_s: int = 120, short_
     for _ in range(3):
         subprocess.run([sys.executable, "-m", "runner", "lego", "--source", str(src30), "--track", "drums", "--bpm", "120",
                         "--checkpoints", str(ckpt), "--out", str(work), "--steps", str(steps), "--device", DEVICE,
-                        "--dtype", "bfloat16" if DEVICE == "cuda" else "float32", "--offload", "off"], capture_output=True, cwd=REPO, env=runner_env(), check=True)
+                        "--dtype", BF16(), "--offload", "off"], capture_output=True, cwd=REPO, env=runner_env(), check=True)
     separate = time.perf_counter() - start
     start = time.perf_counter()
     serve = Serve()
     for _ in range(3):
         serve.job(**job_args(ckpt, src30, work, BF16(), "off", 1, steps))
     serve.close()
-    report["back_to_back_3x30s_bf16"] = {"separate_processes_s": round(separate, 2), "keep_warm_s": round(time.perf_counter() - start, 2)}
+    report[f"back_to_back_3x{short_s}s_{BF16()}_{DEVICE}"] = {"separate_processes_s": round(separate, 2), "keep_warm_s": round(time.perf_counter() - start, 2)}
     print(json.dumps(report, indent=1), flush=True)
     return report
 
@@ -345,7 +365,8 @@ def main() -> int:
     import transformers
 
     results["env"] = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-                      "gpu": nvsmi("name"), "driver": nvsmi("driver_version"), "gpu_total_mib": nvsmi("memory.total"),
+                      "gpu": nvsmi("name") or None, "driver": nvsmi("driver_version") or None,
+                      "gpu_total_mib": nvsmi("memory.total") or None,
                       "date": time.strftime("%Y-%m-%d"), "python": sys.version.split()[0]}
     print(json.dumps(results), flush=True)
     parts = args.parts.split(",")
@@ -374,7 +395,8 @@ def print_memory_table(rows: list[dict]) -> None:
     print("\ndtype     offload batch  src_s job  dit_calls       t          wall_s  load_s  enc_s  steps_s  dec_s  alloc_MiB  reserved_MiB  smi_MiB")
     for r in rows:
         if "exit_status" in r:
-            print(f"{r['dtype']:9} {r['offload']:7} {r['batch']:5}  exit {r['exit_status']}, nvidia-smi after exit {r['after_exit_mib']}")
+            print(f"{r['dtype']:9} {r['offload']:7} {r['batch']:5}  exit {r['exit_status']}, nvidia-smi after exit "
+                  f"{ {mark: shown(mib) for mark, mib in r['after_exit_mib'].items()} }")
         elif "error" in r:
             print(f"{r['dtype']:9} {r['offload']:7} {r['batch']:5}  {r['seconds']:5} {r.get('job', 1):3}  {r['error']}: {r['message'][:80]}")
         else:
@@ -383,7 +405,7 @@ def print_memory_table(rows: list[dict]) -> None:
             span = f"{dit.get('first_t')}..{dit.get('last_t')}"
             print(f"{r['dtype']:9} {r['offload']:7} {r['batch']:5}  {r['seconds']:5} {r.get('job', 1):3}  {calls:14}  {span:15} "
                   f"{r['wall_s']:6}  {t.get('load_s', 0):6}  {t.get('encoding_s', 0):5}  {t.get('generating_s', 0):7}  "
-                  f"{t.get('decoding_s', 0):5}  {r['peak_allocated_mib']:9}  {r['peak_reserved_mib']:12}  {r['smi_peak_mib']:7}")
+                  f"{t.get('decoding_s', 0):5}  {shown(r['peak_allocated_mib']):>9}  {shown(r['peak_reserved_mib']):>12}  {shown(r['smi_peak_mib']):>7}")
 
 
 if __name__ == "__main__":

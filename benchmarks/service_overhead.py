@@ -45,7 +45,7 @@ line = sys.stdin.readline()
 if line:
     opt = json.loads(line)["args"]
     for s in ("loading", "encoding", "generating"): emit(event="stage", stage=s)
-    emit(event="progress", step=1, total=1)
+    emit(event="progress", stage="generating", step=1, total=1)
     for s in ("decoding", "writing"): emit(event="stage", stage=s)
     os.makedirs(opt["out"], exist_ok=True)
     dst = os.path.join(opt["out"], "stem-1.wav")

@@ -16,7 +16,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from runner import cancellation
+from runner import cancellation, host_memory
 from runner.events import EXIT_GENERATION, EXIT_OK, Cancelled, EventStream, RunnerError, bad_input
 from runner.contract import DEFAULT_MAX_DURATION_S
 from runner.tracks import TRACKS
@@ -118,6 +118,7 @@ def configure_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    host_memory.ask_for_huge_pages()  # before anything imports torch
     events = EventStream(out=os.fdopen(os.dup(1), "w", buffering=1), err=sys.stderr)
     os.dup2(2, 1)
     sys.stdout = sys.stderr

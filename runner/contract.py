@@ -93,7 +93,7 @@ def decode_job_line(line: str) -> tuple[JobCommand, dict[str, Any]]:
 class EventType(str, enum.Enum):
     READY = "ready"            # at start ({"loaded": false}) and after each job ({"loaded": bool})
     STAGE = "stage"            # {"stage": one of Stage}
-    PROGRESS = "progress"      # {"step": k, "total": n}
+    PROGRESS = "progress"      # {"step": k, "total": n, "stage": one of PROGRESS_STAGES}
     RESULT = "result"          # {"outputs": [{"path", "sample_rate", "frames", ...}], "seed", "timings", ...}
     ERROR = "error"            # {"code", "message", "retryable", "exit_status"}
     CHECKPOINT = "checkpoint"  # make-tiny-checkpoint
@@ -111,6 +111,9 @@ class Stage(str, enum.Enum):
 
 
 STAGES = tuple(s.value for s in Stage)
+# The stages whose progress events count work done, "step" of "total": the source's pieces while
+# encoding (a long source on a CPU spends minutes there), the denoising steps while generating.
+PROGRESS_STAGES = (Stage.ENCODING.value, Stage.GENERATING.value)
 
 
 def decode_event(line: str) -> dict[str, Any]:

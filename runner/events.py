@@ -12,7 +12,7 @@ import sys
 import threading
 from typing import IO, Any
 
-from runner.contract import STAGES, EventType, ExitStatus
+from runner.contract import PROGRESS_STAGES, STAGES, EventType, ExitStatus, Stage
 
 EXIT_OK = ExitStatus.OK.value
 EXIT_BAD_INPUT = ExitStatus.BAD_INPUT.value
@@ -93,12 +93,15 @@ class EventStream:
         self.emit(EventType.STAGE.value, stage=name)
         self.say(f"[runner] {name}")
 
-    def progress(self, step: int, total: int) -> None:
+    def progress(self, step: int, total: int, stage: str = Stage.GENERATING.value) -> None:
+        """`step` of `total` done in `stage`: a denoising step, or a piece of the source encoded."""
+        assert stage in PROGRESS_STAGES, stage
         with self._lock:
-            self.emit(EventType.PROGRESS.value, step=step, total=total)
+            self.emit(EventType.PROGRESS.value, step=step, total=total, stage=stage)
             width = 30
             done = int(width * step / max(total, 1))
-            self._err.write(f"\r[runner] step {step}/{total} [{'#' * done}{'.' * (width - done)}]")
+            unit = "step" if stage == Stage.GENERATING.value else f"{stage} piece"
+            self._err.write(f"\r[runner] {unit} {step}/{total} [{'#' * done}{'.' * (width - done)}]")
             if step >= total:
                 self._err.write("\n")
             self._err.flush()

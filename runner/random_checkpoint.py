@@ -23,11 +23,18 @@ from runner.layout import DEMO_MARKER
 # ACE-Step 1.5's VAE: 48 kHz stereo, 1920 samples per latent frame (25 fps), 64 latent channels.
 VAE_RATIOS = [2, 4, 4, 6, 10]
 LATENT_CHANNELS = 64
+# The tiny VAE's strides: the same five, longest first. Its encoder runs every block at 128 channels
+# (encoder_hidden_size is twice the 64 latent channels: mean and scale; diffusers prepends multiple 1),
+# and each block's three residual units run at its input rate: in the real order the first two blocks
+# run at 48 and 24 kHz, in this one only the first at 48 kHz and the next at 4.8 kHz. That takes about
+# a third off a demo job's CPU time (docs/PERFORMANCE.md, "The demo model on a CPU"); the hop is still 1920.
+TINY_VAE_RATIOS = sorted(VAE_RATIOS, reverse=True)
 
 SIZES = {
     "tiny": {
         # encoder_hidden_size is twice the 64 latent channels (mean and scale), so it stays 128.
-        "vae": dict(encoder_hidden_size=128, channel_multiples=[1, 1, 1, 1, 1], decoder_channels=4),
+        "vae": dict(encoder_hidden_size=128, channel_multiples=[1, 1, 1, 1, 1], decoder_channels=4,
+                    downsampling_ratios=TINY_VAE_RATIOS),
         "text": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                      head_dim=16, intermediate_size=64),
         "dit": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -36,7 +43,8 @@ SIZES = {
         "vocab": None,  # the tokenizer's own small vocabulary
     },
     "full": {
-        "vae": dict(encoder_hidden_size=128, channel_multiples=[1, 2, 4, 8, 16], decoder_channels=128),
+        "vae": dict(encoder_hidden_size=128, channel_multiples=[1, 2, 4, 8, 16], decoder_channels=128,
+                    downsampling_ratios=VAE_RATIOS),
         "text": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
                      head_dim=128, intermediate_size=3072),
         "dit": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=24, num_attention_heads=16,
@@ -135,7 +143,7 @@ def build_acestep_parts(size: str = "tiny", seed: int = 0, device: str = "cpu", 
     vocab = spec["vocab"] or len(tokenizer)
     tokenizer_config, detokenizer_config = _audio_token_configs(dit)
     with torch.device(device):
-        vae = AutoencoderOobleck(downsampling_ratios=VAE_RATIOS, decoder_input_channels=LATENT_CHANNELS, audio_channels=2,
+        vae = AutoencoderOobleck(decoder_input_channels=LATENT_CHANNELS, audio_channels=2,
                                  sampling_rate=48000, **spec["vae"])
         text_encoder = Qwen3Model(Qwen3Config(vocab_size=vocab, max_position_embeddings=32768, rope_theta=1000000.0,
                                               rms_norm_eps=1e-6, tie_word_embeddings=True,

@@ -84,7 +84,7 @@ def test_exit_5_and_no_file_while_foreign_threads_still_run(tmp_path, tiny_check
     out.mkdir()
     proc = start(["lego", "--source", src, "--track", "drums", "--bpm", "96", "--checkpoints", tiny_checkpoint,
                   "--out", out, "--steps", "200"], script=FOREIGN_THREADS_RUNNER)
-    events = until(proc, lambda e: e["event"] == "progress" and e["step"] >= 3)
+    events = until(proc, lambda e: e["event"] == "progress" and e["stage"] == "generating" and e["step"] >= 3)
     code, took, events, stderr = cancel(proc, events)
     assert code == 5, stderr[-2000:]
     assert took < 10

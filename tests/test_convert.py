@@ -68,7 +68,7 @@ def test_convert_is_exact_and_loads_in_the_diffusers_engine(acestep_layout, tmp_
     assert torch.equal(engine.pipe.transformer.state_dict()["proj_in_conv.weight"], ours["decoder.proj_in.1.weight"])
     source = np.random.default_rng(0).uniform(-0.3, 0.3, (2, 128 * 1920)).astype(np.float32)
     stems = engine.generate(LegoJob(source=source, track="drums", bpm=100, caption="drums", steps=2, seed=1),
-                            lambda stage: None, lambda step, total: None)
+                            lambda stage: None, lambda *progress: None)
     assert stems[0].shape == (2, 128 * 1920) and np.isfinite(stems[0]).all() and np.abs(stems[0]).max() > 0
 
 

@@ -43,7 +43,7 @@ def transformer_calls(engine, batch: int, guidance: float, steps: int = 5) -> li
                   guidance_scale=guidance)
     hook = engine.pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        engine.generate(job, lambda stage: None, lambda step, total: None)
+        engine.generate(job, lambda stage: None, lambda *progress: None)
     finally:
         hook.remove()
     return calls
@@ -66,3 +66,39 @@ def test_without_guidance_the_batch_is_not_doubled(engine):
     calls = transformer_calls(engine, 1, guidance=1.0, steps=2)
     assert [size for size, _ in calls] == [1, 1]
     assert torch.tensor(calls[0][1]).item() == 1.0
+
+
+def test_the_tiny_vae_is_acesteps_oobleck_with_its_strides_reordered(tiny_checkpoint):
+    """The tiny VAE is diffusers' AutoencoderOobleck as the converter writes it: ACE-Step's five strides
+    (1920 samples per latent frame), 64 latent channels from 128 encoder outputs (mean and scale).
+    Only the order of the strides differs from the real one, so that one block, not two, runs at 48 kHz."""
+    from diffusers import AutoencoderOobleck
+
+    from runner import random_checkpoint
+
+    vae = AutoencoderOobleck.from_pretrained(str(tiny_checkpoint / "vae"))
+    config = vae.config
+    assert sorted(config.downsampling_ratios) == sorted(random_checkpoint.VAE_RATIOS)
+    assert config.downsampling_ratios[0] == max(config.downsampling_ratios)  # the longest stride first
+    assert vae.hop_length == sampling.LATENT_SAMPLES == 1920
+    assert config.encoder_hidden_size == 128 and config.decoder_input_channels == 64 and config.audio_channels == 2
+    with torch.inference_mode():
+        latent = vae.encode(torch.zeros(1, 2, 2 * 48000)).latent_dist
+        assert latent.mean.shape == (1, 64, 50)  # 25 frames a second
+        assert vae.decode(latent.mean).sample.shape == (1, 2, 2 * 48000)
+
+
+def test_the_source_is_encoded_piece_by_piece_with_progress(engine):
+    """encode_source reports each piece as it is done (a long source on a CPU takes minutes there)."""
+    from runner.engines.diffusers_engine import encode_source
+
+    vae = engine.pipe.vae
+    frames = 50  # 2 s, in two pieces of 1 s
+    audio = torch.from_numpy(np.random.default_rng(1).uniform(-0.3, 0.3, (1, 2, frames * sampling.LATENT_SAMPLES)).astype(np.float32))
+    half = frames // 2 * sampling.LATENT_SAMPLES
+    tiles = [sampling.Tile(0, half, 0, 0), sampling.Tile(half, audio.shape[-1], 0, 0)]
+    reported = []
+    with torch.inference_mode():
+        latents = encode_source(vae, audio, None, tiles, lambda done, total: reported.append((done, total)))
+    assert reported == [(1, 2), (2, 2)]
+    assert latents.shape == (1, 64, frames)

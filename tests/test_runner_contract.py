@@ -101,3 +101,26 @@ def test_job_states_refuse_illegal_moves(make_app):
     assert not app.extensions["acestep"].jobs.store.finish(job, JobState.FAILED)  # a late failure is ignored
     assert json.loads((job.files.dir / "job.json").read_text())["state"] == "completed"
     assert not LeaseState.RELEASING.may_become(LeaseState.HELD) and LeaseState.ACQUIRING.may_become(LeaseState.RELEASING)
+
+
+def test_progress_events_fill_their_stages_span_on_the_web_side():
+    """The runner's progress events (runner.contract.PROGRESS_STAGES) move the job's progress within
+    their stage: the source's pieces 10..15, the denoising steps 15..90; only steps count as steps."""
+    from webapp.job_state import STAGE_PROGRESS, Job
+
+    assert set(contract.PROGRESS_STAGES) <= set(contract.STAGES)
+    job = Job(id="a" * 32, params=None, files=None, duration_s=180.0, sample_rate=48000, protocol="json")
+    seen = []
+    for event in ({"event": "stage", "stage": "encoding"},
+                  *({"event": "progress", "stage": "encoding", "step": k, "total": 17} for k in range(1, 18)),
+                  {"event": "stage", "stage": "generating"},
+                  {"event": "progress", "stage": "generating", "step": 25, "total": 50},
+                  {"event": "progress", "step": 50, "total": 50}):  # no stage: a runner of before the field
+        job.on_runner_event(event)
+        seen.append(job.progress)
+    encoding = seen[:18]
+    assert encoding[0] == STAGE_PROGRESS["encoding"] == 10 and encoding[-1] == 15
+    assert len(set(encoding)) == 6 and encoding == sorted(encoding)  # it moves, never back
+    assert job.step == 50 and job.total_steps == 50 and seen[-3:] == [15, 52, 90]
+    job.on_runner_event({"event": "progress", "stage": "writing", "step": 1, "total": 1})  # not a progress stage
+    assert job.progress == 90

@@ -141,7 +141,7 @@ def test_sigterm_mid_generation_exits_5_and_writes_nothing(tmp_path, out, tiny_c
     events = []
     for line in proc.stdout:
         events.append(json.loads(line))
-        if events[-1]["event"] == "progress" and events[-1]["step"] >= 2:
+        if events[-1]["event"] == "progress" and events[-1]["stage"] == "generating" and events[-1]["step"] >= 2:
             break
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)

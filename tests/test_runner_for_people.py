@@ -59,7 +59,7 @@ def test_a_terminal_gets_a_progress_bar_and_the_result(tone, tiny_checkpoint, tm
     events = [json.loads(line) for line in stdout.splitlines() if line.strip()]
     kinds = [e["event"] for e in events]
     assert "progress" not in kinds and "stage" not in kinds and kinds[-1] == "result", kinds
-    assert "step 3/3 [" in stderr and "[runner] generating" in stderr
+    assert "step 3/3 [" in stderr and "[runner] generating" in stderr and "encoding piece 1/1 [" in stderr
     stem = events[-1]["outputs"][0]["path"]
     assert os.stat(stem).st_mode & 0o777 == 0o640  # 0666 under umask 027, not mkstemp's 0600
 
@@ -67,8 +67,10 @@ def test_a_terminal_gets_a_progress_bar_and_the_result(tone, tiny_checkpoint, tm
 def test_json_on_a_terminal_when_asked(tone, tiny_checkpoint, tmp_path):
     code, stdout, stderr = run_on_a_terminal(["--json", *lego_args(tone, tiny_checkpoint, tmp_path / "json")], umask=0o022)
     assert code == 0, stderr[-2000:]
-    kinds = [json.loads(line)["event"] for line in stdout.splitlines() if line.strip()]
-    assert kinds.count("progress") == 3 and "stage" in kinds and kinds[-1] == "result", kinds
+    events = [json.loads(line) for line in stdout.splitlines() if line.strip()]
+    kinds = [e["event"] for e in events]
+    progress = [e["stage"] for e in events if e["event"] == "progress"]
+    assert progress == ["encoding"] + ["generating"] * 3 and "stage" in kinds and kinds[-1] == "result", kinds
 
 
 def test_a_pipe_gets_every_event_and_the_stem_follows_the_umask(tone, tiny_checkpoint, tmp_path):
@@ -78,5 +80,6 @@ def test_a_pipe_gets_every_event_and_the_stem_follows_the_umask(tone, tiny_check
     finally:
         os.umask(old)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert len(run.of("progress")) == 3 and [e["stage"] for e in run.of("stage")][:2] == ["loading", "encoding"]
+    assert [e["stage"] for e in run.of("progress")] == ["encoding"] + ["generating"] * 3
+    assert [e["stage"] for e in run.of("stage")][:2] == ["loading", "encoding"]
     assert os.stat(run.of("result")[0]["outputs"][0]["path"]).st_mode & 0o777 == 0o644

@@ -44,8 +44,11 @@ def test_events_stages_and_progress(tmp_path, tone, tiny_checkpoint):
     assert run.returncode == 0, run.stderr
     stages = [e["stage"] for e in run.of("stage")]
     assert stages == ["loading", "encoding", "generating", "decoding", "writing"]
-    progress = run.of("progress")
-    assert [p["step"] for p in progress] == [1, 2, 3, 4, 5] and {p["total"] for p in progress} == {5}
+    progress = [(e["event"], e.get("stage"), e.get("step"), e.get("total")) for e in run.events if e["event"] in ("stage", "progress")]
+    # A 1 s source is one piece: its progress event comes between the encoding and generating stages.
+    assert progress[1:4] == [("stage", "encoding", None, None), ("progress", "encoding", 1, 1), ("stage", "generating", None, None)]
+    steps = [p for p in run.of("progress") if p["stage"] == "generating"]
+    assert [p["step"] for p in steps] == [1, 2, 3, 4, 5] and {p["total"] for p in steps} == {5}
     result = run.of("result")[0]
     assert isinstance(result["seed"], int)  # a random seed is chosen and reported
     assert {"load_s", "encoding_s", "generating_s", "decoding_s", "writing_s", "total_s"} <= set(result["timings"])

@@ -57,7 +57,7 @@ def what_acestep_receives(the_job: LegoJob) -> dict:
     engine.handler.generate_music = handler_generate_music
     engine.device = "cpu"
     torch.manual_seed(0)
-    engine.generate(the_job, lambda stage: None, lambda step, total: None)
+    engine.generate(the_job, lambda stage: None, lambda *progress: None)
     return seen
 
 
@@ -85,7 +85,7 @@ def what_diffusers_receives(the_job: LegoJob, checkpoint) -> dict:
     AceStepPipeline.__call__ = recording_call
     try:
         torch.manual_seed(0)
-        seen["stems"] = engine.generate(the_job, lambda stage: None, lambda step, total: None)
+        seen["stems"] = engine.generate(the_job, lambda stage: None, lambda *progress: None)
     finally:
         AceStepPipeline.__call__ = call
     return seen

@@ -154,6 +154,31 @@ def test_status_shapes_queue_positions_and_progress_only_go_up(make_app):
     assert any("step" in s["queue_status"]["message"] for s in running)
 
 
+
+def test_estimated_seconds_follow_each_sources_length_from_the_demo_models_figures(make_app, fake_checkpoints):
+    """A queued job waits for the running job's rest plus each job ahead by its own length; before any
+    job finished, the demo model's measured figures (webapp/job_estimate.py) stand."""
+    from webapp.job_estimate import DEMO_S_PER_SOURCE_S, DEMO_START_S, JobSeconds
+
+    (fake_checkpoints / "DEMO_RANDOM_WEIGHTS").write_text("{}")
+    app = make_app(RUNNER_COMMAND=fake_runner_command(step_s=1.0, steps_shown=8))
+    client = app.test_client()
+    running = post_json(client, audio=wav_bytes(2.0)).get_json()["task_id"]
+    wait_for(lambda: job_of(app, running).state == "running", what="first job running")
+    short = post_json(client, audio=wav_bytes(3.0)).get_json()["task_id"]
+    long = post_json(client, audio=wav_bytes(60.0)).get_json()["task_id"]
+    wait_of = {task: client.get(f"/lego/status/{task}").get_json()["queue_status"]["estimated_seconds"] for task in (short, long)}
+    # The long job waits for the short one, whose own run is the demo's start plus 3 s at its rate.
+    assert abs(wait_of[long] - wait_of[short] - (DEMO_START_S + 3 * DEMO_S_PER_SOURCE_S)) <= 2, wait_of
+    assert 1 <= wait_of[short] <= DEMO_START_S + 2 * DEMO_S_PER_SOURCE_S + 1
+    for task in (long, short, running):
+        assert client.delete(f"/lego/{task}").get_json()["status"] == "cancelled"
+    # Once jobs finish, the rate is learned from them: a 60 s source is still twice a 30 s one, minus the start.
+    figures = JobSeconds.for_model(demo=False)
+    assert figures.of(30) == 60.0  # real weights, no job yet: the flat default
+    figures.learn(took_s=20.0, source_s=10.0)
+    assert figures.of(60) == 2 * figures.of(30) == 120.0
+
 # ---- cancel, timeout, failures ----------------------------------------------------------------------
 
 def test_delete_cancels_the_running_job_kills_the_runner_and_frees_the_lock(make_app, tmp_path):

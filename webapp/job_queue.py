@@ -20,14 +20,13 @@ import time
 from collections import deque
 
 from webapp.errors import ApiError
+from webapp.job_estimate import DEFAULT_JOB_SECONDS
 from webapp.job_runner import JobRunner
 from webapp.job_state import Job, JobState
 from webapp.job_store import JobStore
 from webapp.logs import event
 
 log = logging.getLogger("acestep.webapp.jobs")
-
-DEFAULT_JOB_SECONDS = 60.0  # the estimate before any job has completed here
 
 
 class JobManager:
@@ -153,22 +152,35 @@ class JobManager:
     def _avg(self) -> float:
         return self.runner.avg_job_s or DEFAULT_JOB_SECONDS
 
+    def _job_s(self, job: Job) -> float:
+        """Its whole run, from its source's length (webapp/job_estimate.py)."""
+        return self.runner.job_seconds.of(job.duration_s)
+
+    def _left_s(self, job: Job) -> float:
+        if job.run_started_mono is None:
+            return self._job_s(job)
+        return max(1.0, self._job_s(job) - (time.monotonic() - job.run_started_mono))
+
     def _running_left_s(self, exclude: Job | None = None) -> float:
         running = self._running
         if running is None or running is exclude:
             return 0.0
-        if running.run_started_mono is None:
-            return self._avg()
-        return max(1.0, self._avg() - (time.monotonic() - running.run_started_mono))
+        return self._left_s(running)
 
     def estimated_wait_s(self, job: Job) -> int:
-        ahead = max(self.position(job) - 1, 0)
-        return int(math.ceil(self._running_left_s(exclude=job) + ahead * self._avg()))
+        """The running job's rest, and each queued job ahead by its own source's length. A job waiting
+        for GPU tokens counts the GPU queue's jobs ahead (other services': lengths unknown) as its own."""
+        with self._cond:
+            queue = list(self._queue)
+        index = next((i for i, other in enumerate(queue) if other is job), None)
+        if index is not None:
+            ahead = sum(self._job_s(other) for other in queue[:index])
+        else:
+            ahead = max(self.position(job) - 1, 0) * self._job_s(job)
+        return int(math.ceil(self._running_left_s(exclude=job) + ahead))
 
     def estimated_remaining_s(self, job: Job) -> int:
-        if job.run_started_mono is None:
-            return int(self._avg())
-        return int(max(1.0, self._avg() - (time.monotonic() - job.run_started_mono)))
+        return int(self._left_s(job))
 
     def retry_after_s(self) -> int:
         """When a full queue next has room: when the running job should end (one place frees)."""

@@ -26,6 +26,7 @@ from webapp.durable import is_storage_full
 from webapp.errors import ApiError
 from webapp.gpu_tokens import AcquireFailed, WaitCancelled
 from webapp.job_outcome import error_for, publish_outputs
+from webapp.job_estimate import JobSeconds
 from webapp.job_state import STAGE_PROGRESS, Job, JobState
 from webapp.job_store import JobStore
 from webapp.leases import Lease, Leases
@@ -49,7 +50,7 @@ class WarmRunner:
 
 class JobRunner:
     def __init__(self, settings, store: JobStore, leases: Leases, registry: RunnerRegistry, runner_prefix: list[str],
-                 runner_cwd: Path):
+                 runner_cwd: Path, demo: bool = False):
         self.settings = settings
         self.store = store
         self.leases = leases
@@ -57,6 +58,7 @@ class JobRunner:
         self.runner_prefix = runner_prefix  # RUNNER_COMMAND, or `python -m runner`
         self.runner_cwd = runner_cwd
         self.avg_job_s: float | None = None  # seconds a job has been taking, once one completed
+        self.job_seconds = JobSeconds.for_model(demo)  # a job's time from its source's length
         self.closing = False
         self.unload_requested = False
         self.current: RunnerProcess | None = None
@@ -199,6 +201,7 @@ class JobRunner:
             job.timings["job_to_first_event_s"] = outcome.first_event_s
         took = time.monotonic() - (job.run_started_mono or time.monotonic())
         self.avg_job_s = took if self.avg_job_s is None else 0.7 * self.avg_job_s + 0.3 * took
+        self.job_seconds.learn(took, job.duration_s)
 
     def _job_args(self, job: Job) -> dict:
         """The job line's `args` (the contract's JOB_FIELDS)."""

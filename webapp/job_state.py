@@ -47,10 +47,11 @@ LEGAL: dict[JobState, frozenset[JobState]] = {
     JobState.CANCELLED: frozenset(),
 }
 
-# Progress (0-100) the plugin sees: tokens granted, then the runner's stages; steps fill 15..90.
+# Progress (0-100) the plugin sees: tokens granted, then the runner's stages; within a stage its
+# progress events (runner.contract.PROGRESS_STAGES) fill its span: the source's pieces 10..15, the steps 15..90.
 STAGE_PROGRESS = {"starting": 2, Stage.LOADING.value: 5, Stage.ENCODING.value: 10, Stage.GENERATING.value: 15,
                   Stage.DECODING.value: 92, Stage.WRITING.value: 96}
-STEPS_FROM, STEPS_TO = 15, 90
+PROGRESS_SPANS = {Stage.ENCODING.value: (10, 15), Stage.GENERATING.value: (15, 90)}
 
 
 class IllegalTransition(RuntimeError):
@@ -120,6 +121,9 @@ class Job:
             self.raise_progress(STAGE_PROGRESS[self.stage])
         elif kind == EventType.PROGRESS.value:
             step, total = ev.get("step"), ev.get("total")
-            if isinstance(step, int) and isinstance(total, int) and total > 0:
-                self.step, self.total_steps = step, total
-                self.raise_progress(STEPS_FROM + (STEPS_TO - STEPS_FROM) * min(step, total) / total)
+            stage = ev.get("stage") or Stage.GENERATING.value  # a runner older than the stage field counts steps
+            if isinstance(step, int) and isinstance(total, int) and total > 0 and stage in PROGRESS_SPANS:
+                if stage == Stage.GENERATING.value:
+                    self.step, self.total_steps = step, total
+                low, high = PROGRESS_SPANS[stage]
+                self.raise_progress(low + (high - low) * min(step, total) / total)

@@ -31,7 +31,8 @@ class LegoJob:
         return self.source.shape[-1] / MODEL_SAMPLE_RATE
 
 
-StepCallback = Callable[[int, int], None]  # (step, total)
+# (step, total) of the denoising loop, or (piece, pieces, "encoding") of the source's encoding.
+StepCallback = Callable[..., None]
 StageCallback = Callable[[str], None]  # "encoding" | "generating" | "decoding"
 
 
@@ -61,7 +62,8 @@ class Engine(Protocol):
     def generate(self, job: LegoJob, on_stage: StageCallback, on_step: StepCallback) -> list[np.ndarray]:
         """Return `job.batch_size` whole-clip stems, float32 (2, frames) at 48 kHz, at least the source's
         length. on_stage: "encoding" before the source is encoded, "generating" when the diffusion
-        loop starts, "decoding" when it ends; on_step: once per diffusion step actually run."""
+        loop starts, "decoding" when it ends; on_step: once per diffusion step actually run, and
+        (optionally) once per piece of the source encoded, with the stage "encoding"."""
 
     def peak_vram_bytes(self) -> Optional[int]:
         """torch's peak reserved memory on CUDA, else None."""

@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from runner import sampling, speedups
+from runner.contract import Stage
 from runner.engines.base import LegoJob, LoadOptions, StageCallback, StepCallback, seed_source_sample
 from runner.events import checkpoint_error, generation_error
 from runner.tracks import lego_instruction
@@ -60,23 +61,26 @@ def decode(vae, latents, device: str):
     return anti_clip(audio)
 
 
-def encode_source(vae, audio, silence_latent, tiles: list) -> "torch.Tensor":
+def encode_source(vae, audio, silence_latent, tiles: list, on_tile=None) -> "torch.Tensor":
     """[1, 64, frames] latents of `audio` ([1, 2, samples], on the VAE's device and dtype): one posterior
-    sample per tile, cores kept, as the official encoder does; the silence latent for a silent source."""
+    sample per tile, cores kept, as the official encoder does; the silence latent for a silent source.
+    `on_tile(done, total)` after each tile: on a CPU a long source takes minutes here."""
     import torch
 
     if sampling.is_silent(audio.float().cpu().numpy()):
         frames = audio.shape[-1] // sampling.LATENT_SAMPLES
         return silence_latent[:, :frames, :].transpose(1, 2)
     pieces = []
-    for tile in tiles:
+    for done, tile in enumerate(tiles, start=1):
         latent = vae.encode(audio[:, :, tile.start:tile.end]).latent_dist.sample()
         pieces.append(latent[:, :, tile.keep_from:latent.shape[-1] - tile.drop_tail])
+        if on_tile is not None:
+            on_tile(done, len(tiles))
     return torch.cat(pieces, dim=-1)
 
 
 @contextlib.contextmanager
-def official_source_encoding(pipe, settings: sampling.Sampling):
+def official_source_encoding(pipe, settings: sampling.Sampling, on_tile=None):
     """Route the pipeline's source encoding (prepare_src_latents with src_audio) through encode_source."""
     own = pipe.prepare_src_latents
 
@@ -87,7 +91,7 @@ def official_source_encoding(pipe, settings: sampling.Sampling):
         audio = (src_audio.unsqueeze(0) if src_audio.dim() == 2 else src_audio).to(device=device, dtype=pipe.vae.dtype)
         silence = pipe.condition_encoder.silence_latent.to(device=device, dtype=pipe.vae.dtype)
         tiles = sampling.source_tiles(audio.shape[-1], settings.source_tile_seconds)
-        latents = encode_source(pipe.vae, audio, silence, tiles).to(device=device, dtype=dtype).transpose(1, 2)
+        latents = encode_source(pipe.vae, audio, silence, tiles, on_tile).to(device=device, dtype=dtype).transpose(1, 2)
         return latents.expand(batch_size, -1, -1), latents.shape[1]
 
     pipe.prepare_src_latents = prepare_src_latents
@@ -181,6 +185,9 @@ class DiffusersEngine:
             on_stage("generating")
             return open_bar(*args, **kwargs)
 
+        def tile_done(done, total):
+            on_step(done, total, Stage.ENCODING.value)
+
         def step_end(_pipe, step_idx, _timestep, callback_kwargs):
             on_step(step_idx + 1, job.steps)
             return callback_kwargs
@@ -192,7 +199,7 @@ class DiffusersEngine:
         generators = [torch.Generator(device=pipe._execution_device).manual_seed(s) for s in settings.candidate_seeds]
         seed_source_sample(job.seed)
         try:
-            with torch.inference_mode(), official_source_encoding(pipe, settings):
+            with torch.inference_mode(), official_source_encoding(pipe, settings, tile_done):
                 latents = pipe(**pipeline_arguments(job, settings, source, generators, step_end)).audios
                 self.speedups.release()
                 on_stage("decoding")

@@ -71,6 +71,7 @@ def run_job(opts, args, cancelled):
     if opts.mode == "junk":
         sys.stdout.write("this line is not JSON\n")
     emit(event="stage", stage="encoding")
+    emit(event="progress", stage="encoding", step=1, total=1)  # one piece of the source
     emit(event="stage", stage="generating")
     total = args.get("steps") or 50
     shown = max(1, min(opts.steps_shown, total))
@@ -81,7 +82,7 @@ def run_job(opts, args, cancelled):
         if opts.mode == "chatty":
             sys.stderr.write(("x" * 1023 + "\n") * opts.chatty_kb)
             sys.stderr.flush()
-        emit(event="progress", step=round(i * total / shown), total=total)
+        emit(event="progress", stage="generating", step=round(i * total / shown), total=total)
         if opts.mode == "crash" and i == 2:
             os.kill(os.getpid(), signal.SIGKILL)
         if opts.mode == "fail" and i == 2:
