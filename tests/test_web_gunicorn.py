@@ -136,6 +136,9 @@ def test_client_disconnect_cancels_the_job_and_frees_the_gpu(start_gunicorn, fak
     sock.close()  # the client hangs up while waiting
     wait_for(lambda: fake_queue.releases(), timeout=10, what="the tokens to be released")
     assert [r["code"] for r in read_records(record) if "exit" in r] == [5]  # SIGTERMed, exited cleanly
+    # The tokens go back before the job's record says cancelled (the runner must be gone first): wait for both.
+    wait_for(lambda: requests.get(f"{server.url}/lego/status/{task}", timeout=5).json().get("status") == "failed",
+             timeout=10, what="the job to end")
     status = requests.get(f"{server.url}/lego/status/{task}", timeout=5).json()
     assert status["error_code"] == "job_cancelled" and "client disconnected" in status["error"]
     assert server.events("client_disconnected")[0]["probes"] == 1  # one interim 100 answered by a reset
