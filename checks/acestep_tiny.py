@@ -19,7 +19,6 @@ from pathlib import Path
 DIT = "acestep-v15-base"
 SILENCE_SECONDS = 600
 LATENT_RATE = 25  # 48 kHz / 1920
-VAE_RATIOS = [2, 4, 4, 6, 10]
 HIDDEN = 32
 
 
@@ -31,7 +30,7 @@ def build(dest: Path, acestep_src: Path, seed: int = 0) -> Path:
 
     from acestep.models.base.configuration_acestep_v15 import AceStepConfig
     from acestep.models.base.modeling_acestep_v15_base import AceStepConditionGenerationModel
-    from runner.random_checkpoint import build_tokenizer
+    from runner.random_checkpoint import LATENT_CHANNELS, SIZES, build_tokenizer
 
     dest = Path(dest)
     dest.mkdir(parents=True)
@@ -45,8 +44,9 @@ def build(dest: Path, acestep_src: Path, seed: int = 0) -> Path:
     text.save_pretrained(text_dir, safe_serialization=True)
     tokenizer.save_pretrained(text_dir)
 
-    vae = AutoencoderOobleck(encoder_hidden_size=128, downsampling_ratios=VAE_RATIOS, channel_multiples=[1, 1, 1, 1, 1],
-                             decoder_channels=4, decoder_input_channels=64, audio_channels=2, sampling_rate=48000)
+    # The project's tiny VAE (runner/random_checkpoint.py): the real class and 1920-sample hop, tiny channels.
+    vae = AutoencoderOobleck(decoder_input_channels=LATENT_CHANNELS, audio_channels=2, sampling_rate=48000,
+                             **SIZES["tiny"]["vae"])
     vae.save_pretrained(dest / "vae", safe_serialization=True)
 
     config = AceStepConfig(
