@@ -27,26 +27,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import soundfile as sf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.gpu_bench import make_source  # noqa: E402 (a tone with a tremolo: the encoder sees a non-silent source)
 from runner.contract import STAGES, EventType  # noqa: E402
 
 PHASES = ("loading", "encoding", "generating", "decoding", "writing")  # the runner's stages, in order
-
-
-def make_source(folder: Path, seconds: int) -> Path:
-    """A tone with a tremolo and some noise: the encoder sees a non-silent source (silence is skipped)."""
-    path = folder / f"src{seconds}.wav"
-    rng = np.random.default_rng(seconds)
-    t = np.arange(seconds * 48000) / 48000
-    tone = 0.3 * np.sin(2 * np.pi * 196 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 2 * t))
-    data = np.stack([tone, tone], axis=1) + 0.02 * rng.standard_normal((t.size, 2))
-    sf.write(str(path), data.astype(np.float32), 48000, subtype="PCM_16")
-    return path
 
 
 def cpu_name() -> str:
