@@ -13,6 +13,23 @@ import requests
 
 from conftest import ROOT, free_port, pid_alive, wait_for
 
+
+def read_log_events(path: Path, name: str | None = None) -> list[dict]:
+    """The JSON lines of a service's log (all, or those of one event), skipping the text lines."""
+    out = []
+    if not path.exists():
+        return out
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if name is None or ev.get("event") == name:
+                out.append(ev)
+    return out
+
+
 GUNICORN = ROOT / ".venv" / "bin" / "gunicorn"
 
 
@@ -40,16 +57,7 @@ class Gunicorn:
             return False
 
     def events(self, name: str | None = None) -> list[dict]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                try:
-                    ev = json.loads(line)
-                except ValueError:
-                    continue
-                if name is None or ev.get("event") == name:
-                    out.append(ev)
-        return out
+        return read_log_events(self.log_path, name)
 
     def runner_pids(self, task_id: str) -> list[int]:
         """Every runner process that started a run of this job (from the `job_runner_started` lines)."""

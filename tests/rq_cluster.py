@@ -22,6 +22,7 @@ from pathlib import Path
 import requests
 
 from conftest import ROOT, fake_runner_command, free_port, pid_alive, wait_for
+from harness import read_log_events
 from tests.fakes.gpu_queue import FakeGpuQueue
 
 GUNICORN = ROOT / ".venv" / "bin" / "gunicorn"
@@ -33,21 +34,6 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
-
-
-def read_log_events(path: Path, name: str | None = None) -> list[dict]:
-    out = []
-    if not path.exists():
-        return out
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            if name is None or ev.get("event") == name:
-                out.append(ev)
-    return out
 
 
 def runner_records(path: Path) -> list[dict]:
