@@ -14,8 +14,6 @@ says `gpu_worker_lost` (webapp/queue_rq/gpu_worker.py), so its job folders are r
 """
 from __future__ import annotations
 
-import shutil
-
 from webapp.checkpoints import inspect_checkpoints
 from webapp.gpu_tokens import make_tokens
 from webapp.job_queue import JobManager, log_listener
@@ -27,7 +25,7 @@ from webapp.lease_keeper import LeaseKeeper
 from webapp.leases import Leases
 from webapp.runner_registry import RunnerRegistry
 from webapp.service import PROJECT_ROOT, Service, runner_command
-from webapp.uploads import jobs_root, tmp_root
+from webapp.uploads import jobs_root, remove_entries, tmp_root
 
 
 def build(settings, data_lock, resume: bool) -> tuple[Service, list[Job], dict]:
@@ -44,21 +42,9 @@ def build(settings, data_lock, resume: bool) -> tuple[Service, list[Job], dict]:
     if resume:
         resumed, recovered = store.recover()
     else:
-        resumed, recovered = [], {"removed": remove_job_folders(settings.data_dir)}
+        resumed, recovered = [], {"removed": remove_entries(jobs_root(settings.data_dir), tmp_root(settings.data_dir))}
     runner = JobRunner(settings, store, leases, registry, runner_command(settings), PROJECT_ROOT, demo=ckpt.demo)
     jobs = JobManager(settings, store, runner)
     service = Service(settings=settings, jobs=jobs, tokens=tokens, checkpoints=ckpt, leases=leases, keeper=keeper,
                       data_lock=data_lock)
     return service, resumed, {**recovered, **reconciled}
-
-
-def remove_job_folders(data_dir) -> int:
-    removed = 0
-    for root in (jobs_root(data_dir), tmp_root(data_dir)):
-        for entry in sorted(root.iterdir()) if root.is_dir() else []:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed += 1
-    return removed

@@ -44,6 +44,25 @@ def tmp_root(data_dir: Path) -> Path:
     return data_dir / "tmp"
 
 
+def remove_entries(*folders: Path, before: float | None = None) -> int:
+    """Remove what the folders hold (job folders, spooled uploads): all of it, or only entries last
+    modified before the time `before`. Links are removed, never followed. Returns how many went."""
+    removed = 0
+    for folder in folders:
+        for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+            try:
+                if before is not None and entry.lstat().st_mtime >= before:
+                    continue
+            except OSError:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 class JobFiles:
     """The files of one job under DATA_DIR/jobs/<task_id>/."""
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from webapp.queue_rq.connection import UNAVAILABLE_ERRORS, connect, persistence
 from webapp.queue_rq.metrics_rq import RQMetrics  # noqa: F401 - create_app installs it in the RQ mode
 from webapp.queue_rq.remote_job import RemoteOutput
 from webapp.queue_rq.web_queue import RedisJobs
+from webapp.uploads import remove_entries
 
 STALE_UPLOAD_S = 3600.0
 UNKNOWN_MODEL = {"model": "unknown (no GPU worker alive)", "weights": "unknown", "engine": None, "complete": False,
@@ -86,23 +86,7 @@ def install(app: Flask, settings) -> tuple[RedisJobs, ClusterCheckpoints]:
 
 
 def clean_stale(*folders: Path, older_than_s: float = STALE_UPLOAD_S) -> int:
-    cutoff = time.time() - older_than_s
-    removed = 0
-    for folder in folders:
-        if not folder.is_dir():
-            continue
-        for entry in folder.iterdir():
-            try:
-                if entry.lstat().st_mtime >= cutoff:
-                    continue
-            except OSError:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed += 1
-    return removed
+    return remove_entries(*folders, before=time.time() - older_than_s)
 
 
 def output_response(jobs: RedisJobs, output: RemoteOutput, mimetype: str, as_attachment: bool, download_name: str) -> Response:
