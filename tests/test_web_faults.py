@@ -41,8 +41,10 @@ def service(tmp_path, fake_queue, fake_checkpoints):
                 "QUEUE_HTTP_TIMEOUT_S": "1", "ACESTEP_CHECKPOINTS": str(fake_checkpoints),
                 "GPU_LOCK_FILE": str(tmp_path / "gpu.lock"), "LEGO_STEPS": "5", "LEGO_MIN_STEPS": "1",
                 "RUNNER_KILL_GRACE_S": "2", "LOG_LEVEL": "INFO"}
-        server = Gunicorn({**base, **env}, tmp_path / f"gunicorn-{len(servers)}.log", wait=wait)
-        servers.append(server)
+        server = Gunicorn({**base, **env}, tmp_path / f"gunicorn-{len(servers)}.log", wait=False)
+        servers.append(server)  # before it answers: a job it resumes may end, and release, before then
+        if wait:
+            server.wait_healthy()
         return server
 
     start.servers = servers

@@ -34,8 +34,9 @@ def start_gunicorn(tmp_path, fake_queue):
         base = {"DATA_DIR": str(data or data_dir), "QUEUE_URL": fake_queue.url, "QUEUE_POLL_INTERVAL_S": "0.1",
                 "GPU_LOCK_FILE": str(tmp_path / "gpu.lock"), "LEGO_STEPS": "3", "LEGO_MIN_STEPS": "1",
                 "ACESTEP_DEVICE": "cpu", "RUNNER_KILL_GRACE_S": "2", "LOG_LEVEL": "INFO"}
-        server = Gunicorn({**base, **env}, tmp_path / f"gunicorn-{len(servers)}.log")
-        servers.append(server)
+        server = Gunicorn({**base, **env}, tmp_path / f"gunicorn-{len(servers)}.log", wait=False)
+        servers.append(server)  # before it answers: a job it resumes may end, and release, before then
+        server.wait_healthy()
         return server, data or data_dir
 
     start.servers = servers
