@@ -67,18 +67,29 @@ def fresh_processes(ckpt: Path, args, emit) -> None:
             emit(f"fresh_{dtype_name}_{name}{'_threads' + threads if threads else ''}", json.loads(lines[-1]) if lines else {"error": done.stderr[-2000:]})
 
 
+# The runner's own entry point, with `speedups.prefetch` answering None (the engine looks it up at load).
+# Huge pages are asked for first, as `main` does before torch is imported.
+NO_PREFETCH_RUNNER = ("import sys; from runner import host_memory; host_memory.ask_for_huge_pages(); "
+                      "import runner.speedups as s; s.prefetch = lambda *a, **k: None; "
+                      "from runner.cli import main; sys.exit(main())")
+
+
 def cold_runner(ckpt: Path, args, emit) -> None:
-    """`python -m runner lego` as the service starts it (a fresh process), speed-ups off vs default."""
+    """`python -m runner lego` as the service starts it (a fresh process), speed-ups off vs default.
+    A setting `SWITCHES/noprefetch` runs the same runner with the compiled blocks' prefetch thread
+    left out (they then load at the first block call, as before the prefetch), for a side-by-side."""
     from benchmarks.gpu_bench import make_source as wav_source
 
     work = Path(args.work)
     src = wav_source(work, int(args.seconds))
     for attempt in range(args.cold_runs):
-        for setting in args.cold_settings.split(";"):
+        for entry in args.cold_settings.split(";"):
+            setting, _, mode = entry.partition("/")
             env = dict(os.environ, ACESTEP_SPEEDUPS=setting, HF_HUB_OFFLINE="1",
                        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            runner = (["-c", NO_PREFETCH_RUNNER] if mode == "noprefetch" else ["-m", "runner"])
             t = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "runner", "lego", "--source", str(src), "--track", "vocals", "--bpm", "120",
+            done = subprocess.run([sys.executable, *runner, "lego", "--source", str(src), "--track", "vocals", "--bpm", "120",
                                    "--checkpoints", str(ckpt), "--out", str(work), "--seed", "1", "--device", args.device,
                                    "--dtype", args.dtypes[0], "--offload", "off"], capture_output=True, text=True, cwd=REPO, env=env)
             wall = time.perf_counter() - t
@@ -91,4 +102,28 @@ def cold_runner(ckpt: Path, args, emit) -> None:
                     Path(output["path"]).unlink(missing_ok=True)
             else:
                 row["error"] = (done.stdout[-500:] + done.stderr[-1500:])
-            emit(f"cold_runner_{setting.replace(',', '+')}_{attempt + 1}", row)
+            emit(f"cold_runner_{entry.replace(',', '+').replace('/', '_')}_{attempt + 1}", row)
+
+
+def artifact_load_profile(cache: Path, top: int = 25) -> dict:
+    """Where a fresh process's load of the saved compiled blocks goes (run in a new process, after
+    torch and diffusers are imported): each artifact loaded in turn under cProfile, in this thread."""
+    import cProfile
+    import pstats
+
+    import diffusers  # noqa: F401 - imported before the clock starts, as the runner has it
+    import torch  # noqa: F401
+
+    from runner.compiled_blocks import load_artifact
+
+    paths = sorted(cache.glob("dit-*.block"))
+    profile = cProfile.Profile()
+    t = time.perf_counter()
+    profile.enable()
+    loaded = [load_artifact(p) is not None for p in paths]
+    profile.disable()
+    seconds = time.perf_counter() - t
+    stats = pstats.Stats(profile)
+    rows = sorted(((f"{Path(k[0]).name}:{k[1]}({k[2]})", v[3]) for k, v in stats.stats.items()), key=lambda r: -r[1])
+    return {"artifacts": [p.name for p in paths], "loaded": loaded, "seconds": round(seconds, 2),
+            "top_cumulative_s": [(name, round(s, 3)) for name, s in rows[:top]]}

@@ -328,7 +328,8 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default="eager,contiguous,fused,attention,compile")
     parser.add_argument("--loop-variants", default="", help="variants also run through the full loop (default: the last)")
     parser.add_argument("--cold-runs", type=int, default=2)
-    parser.add_argument("--cold-settings", default="none;default", help="ACESTEP_SPEEDUPS values for the cold runs, ';'-separated")
+    parser.add_argument("--cold-settings", default="none;default", help="ACESTEP_SPEEDUPS values for the cold runs, ';'-separated; "
+                        "a value ending in /noprefetch leaves the compiled blocks' prefetch thread out")
     parser.add_argument("--fresh-variant", default="compile", help="the variant whose fresh-process first call is measured (none: skip)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from runner.compiled_blocks import CompiledBlocks, fingerprint
+from runner.compiled_blocks import CompiledBlocks, Prefetch, checkpoint_key, transformer_key
 from runner.contract import SPEEDUP_SWITCHES as SWITCHES, speedup_names
 from runner.cuda_graphs import GraphedForward
 from runner.events import bad_input
@@ -42,8 +42,9 @@ CACHE_ENV = "ACESTEP_COMPILE_CACHE"
 # Measured defaults (docs/PERFORMANCE.md, "Speed of the 50 steps"): the three eager switches
 # everywhere. `graphs` and `compile` are opt-in. Graphs save CPU launch time, which a T4's longer
 # kernels hide, and hold their own memory pool (+656 MiB at 240 s, job 1, float16, H200); with
-# model offload, the T4's recommended setting, they cannot run at all. A fresh process still
-# spends 3.5 s loading the compiled blocks, more than their 50 steps save at 120 s on the H200.
+# model offload, the T4's recommended setting, they cannot run at all. A fresh process spent
+# 3.5 s loading the compiled blocks at the first block call, more than their 50 steps save at
+# 120 s on the H200; that load now runs beside the weight load (`prefetch`), not yet measured there.
 DEFAULTS = {"cuda": ("contiguous", "fused", "attention"), "cpu": ("contiguous", "fused", "attention")}
 
 
@@ -97,16 +98,40 @@ class Speedups:
                                  "first_t": steps[0] if steps else None, "last_t": steps[-1] if steps else None}}
 
 
+def _flash(device: str) -> bool:
+    """Whether SDPA may pick flash attention: a CUDA card of compute capability 8.0 or more."""
+    return device == "cuda" and torch.cuda.get_device_capability() >= (8, 0)
+
+
+def _compile_flags(names: tuple[str, ...], flash: bool) -> dict:
+    return {"expand_kv": "attention" in names, "flash": flash}
+
+
+def prefetch(transformer_dir: Path, device: str, dtype: torch.dtype,
+             names: Optional[tuple[str, ...]] = None) -> Optional[Prefetch]:
+    """With `compile` chosen: start loading its saved blocks now, before the weights (see `Prefetch`).
+    None otherwise, or where the key cannot be known yet (`apply` then loads them itself)."""
+    names = chosen(device) if names is None else names
+    if "compile" not in names:
+        return None
+    try:
+        key = checkpoint_key(transformer_dir, dtype, device == "cuda", _compile_flags(names, _flash(device)))
+    except (OSError, ValueError):  # an unreadable config: from_pretrained will say so
+        return None
+    return Prefetch(compile_cache_dir(), key)
+
+
 def apply(pipe, device: str, names: Optional[tuple[str, ...]] = None, flash: Optional[bool] = None,
-          offload: bool = False) -> Speedups:
+          offload: bool = False, prefetched: Optional[Prefetch] = None) -> Speedups:
     """Install the chosen switches on `pipe.transformer` (already placed) and a forward counter.
     `flash`: whether SDPA may pick flash attention (default: a CUDA card of compute capability 8.0+).
-    `graphs` is left off on a CPU and with model offload; the report's `on` says what was installed."""
+    `graphs` is left off on a CPU and with model offload; the report's `on` says what was installed.
+    `prefetched`: the compiled blocks `prefetch` started loading, used where its key is this one."""
     names = chosen(device) if names is None else names
     if "compile" in names and "fused" not in names:
         names = names + ("fused",)
     if flash is None:
-        flash = device == "cuda" and torch.cuda.get_device_capability() >= (8, 0)
+        flash = _flash(device)
     if "graphs" in names and (device != "cuda" or offload):
         names = tuple(n for n in names if n != "graphs")
     transformer = pipe.transformer
@@ -118,8 +143,9 @@ def apply(pipe, device: str, names: Optional[tuple[str, ...]] = None, flash: Opt
         _install_fused(transformer, expand_kv="attention" in names, flash=flash)
     if "compile" in names:
         cache = compile_cache_dir()
-        key = fingerprint(transformer, {"expand_kv": "attention" in names, "flash": flash})
-        state.compiled, state.compile_cache = CompiledBlocks(cache, key).install(transformer), str(cache)
+        key = transformer_key(transformer, device == "cuda", _compile_flags(names, flash))
+        state.compiled = CompiledBlocks(cache, key, prefetched).install(transformer)
+        state.compile_cache = str(cache)
     if "graphs" in names:
         state.graphs = GraphedForward(transformer.forward)
         transformer.forward = state.graphs

@@ -21,3 +21,19 @@ def test_step_speed_runs_its_real_path_on_the_tiny_checkpoint(tiny_checkpoint, t
             assert row["dit"]["calls"] == steps and row["dit"]["batch_sizes"] == {"2": steps} and row["finite"]
     assert results["float32_variant_attention"]["on"] == ["contiguous", "fused", "attention"]
     assert results["float32_variant_attention"]["rel_err_vs_eager"] < 1e-5
+
+
+def test_cold_runner_runs_the_runner_with_and_without_the_prefetch(tiny_checkpoint, tmp_path):
+    """The cold-request rows compare `SWITCHES` with `SWITCHES/noprefetch`: both must be real runs."""
+    from types import SimpleNamespace
+
+    from benchmarks import cold_compile
+
+    rows = {}
+    args = SimpleNamespace(work=str(tmp_path), seconds=2, cold_runs=1, device="cpu", dtypes=["float32"],
+                           cold_settings="contiguous;contiguous/noprefetch")
+    cold_compile.cold_runner(tiny_checkpoint, args, rows.__setitem__)
+    assert sorted(rows) == ["cold_runner_contiguous_1", "cold_runner_contiguous_noprefetch_1"]
+    for row in rows.values():
+        assert "error" not in row, row["error"]
+        assert row["speedups"]["on"] == ["contiguous"] and row["speedups"]["dit_forwards"]["calls"] == 50

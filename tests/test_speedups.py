@@ -109,7 +109,9 @@ def test_compiled_blocks_match_eager_and_a_fresh_runner_loads_them_without_compi
         state.compiled.path(kind).name for kind in ("mask-bn", "nomask-bn"))
     assert not list(cache.glob(".*.part*")), "a half-written artifact was left behind"
 
-    # The next process (the runner: one per job) loads both artifacts instead of compiling.
+    # The next process (the runner: one per job) loads both artifacts instead of compiling, in its
+    # prefetch thread (its key from the checkpoint's config equals the loaded transformer's), and the
+    # guards built for the runner's inference mode pass every call.
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     run = run_runner("lego", "--source", tone(seconds=1.0), "--track", "drums", "--bpm", "120", "--checkpoints", tiny_checkpoint,
@@ -118,6 +120,26 @@ def test_compiled_blocks_match_eager_and_a_fresh_runner_loads_them_without_compi
     assert run.returncode == 0, run.stderr
     fresh = run.of("result")[0]["speedups"]["compiled_blocks"]
     assert fresh["loaded"] == ["mask-bn", "nomask-bn"] and fresh["compiled"] == [] and fresh["eager_calls"] == 0
+    assert fresh["prefetched"] == ["mask-bn", "nomask-bn"] and fresh["prefetch_seconds"] > 0
+
+
+def test_a_prefetch_is_used_only_for_its_own_key(dit_inputs, tmp_path, tiny_checkpoint):
+    """The prefetch key comes from the checkpoint's config before the weights; a transformer whose key
+    differs (other switches, dtype or card) ignores it, and a kind it never found answers None at once."""
+    import torch
+    from diffusers import AceStepTransformer1DModel
+
+    pipe, _ = dit_inputs
+    flags = {"expand_kv": True, "flash": False}
+    key = compiled_blocks.checkpoint_key(tiny_checkpoint / "transformer", torch.float32, False, flags)
+    loaded = AceStepTransformer1DModel.from_pretrained(str(tiny_checkpoint / "transformer"), torch_dtype=torch.float32)
+    assert key == compiled_blocks.transformer_key(loaded, False, flags)
+    assert key != compiled_blocks.transformer_key(loaded, False, {**flags, "flash": True})
+    assert key != compiled_blocks.checkpoint_key(tiny_checkpoint / "transformer", torch.bfloat16, False, flags)
+    prefetch = compiled_blocks.Prefetch(tmp_path, key)
+    assert prefetch.take("mask-bn") is None  # nothing on disk under that key
+    other = compiled_blocks.CompiledBlocks(tmp_path, "another-key", prefetch).install(fresh_transformer(pipe))
+    assert other.prefetch is None
 
 
 def test_graphs_are_left_off_where_they_cannot_run(dit_inputs):

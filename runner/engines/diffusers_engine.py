@@ -152,6 +152,8 @@ class DiffusersEngine:
         # sample. Loaded so, not cast afterwards, which would round its weights through the job's dtype.
         vae_dtype = getattr(torch, sampling.vae_dtype(options.device, _cuda_supports_bfloat16(options.device)))
         dtypes = {"default": getattr(torch, options.dtype), "vae": vae_dtype}
+        # The compiled blocks (if `compile` is on) load in a thread while the weights load and the source encodes.
+        prefetched = speedups.prefetch(checkpoints / "transformer", options.device, dtypes["default"])
         try:
             # The audio tokenizer/detokenizer serve only audio-code covers, never lego.
             pipe = AceStepPipeline.from_pretrained(
@@ -165,7 +167,8 @@ class DiffusersEngine:
             pipe.enable_model_cpu_offload()
         else:
             pipe.to(options.device)
-        self.speedups = speedups.apply(pipe, options.device, offload=options.device == "cuda" and options.offload)
+        self.speedups = speedups.apply(pipe, options.device, offload=options.device == "cuda" and options.offload,
+                                       prefetched=prefetched)
         self.pipe, self.options = pipe, options
 
     def sampling_for(self, job: LegoJob) -> sampling.Sampling:
