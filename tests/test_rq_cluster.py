@@ -127,6 +127,10 @@ def test_the_plugin_protocol_over_two_web_workers_and_two_gpu_hosts(cluster):
     for folder in [h.data_dir / "jobs" for h in cluster.hosts] + [cluster.base / "web-data" / "jobs"]:
         wait_for(lambda folder=folder: not any(folder.iterdir()), timeout=10, what=f"{folder} to be empty")
 
+    # Both hosts' jobs taught the cluster's estimate (seconds per second of source, in Redis), which
+    # the web workers read for estimated_seconds.
+    figures = cluster.redis.client().hgetall("acestep:stats:job_seconds")
+    assert float(figures[b"per_source_s"]) > 0 and float(figures[b"start_s"]) >= 0, figures
     health = requests.get(url + "/health", timeout=5).json()
     assert health["status"] == "ok" and health["queue"]["workers_alive"] == 2
     assert health["queue"]["jobs_by_state"]["completed"] >= 7 and health["queue"]["persistence"]["appendonly"] == "yes"

@@ -178,6 +178,10 @@ def test_estimated_seconds_follow_each_sources_length_from_the_demo_models_figur
     assert figures.of(30) == 60.0  # real weights, no job yet: the flat default
     figures.learn(took_s=20.0, source_s=10.0)
     assert figures.of(60) == 2 * figures.of(30) == 120.0
+    # The RQ mode keeps them in a Redis hash (bytes back): the same figures after the round trip.
+    stored = {k.encode(): v.encode() for k, v in figures.fields().items()}
+    assert JobSeconds.from_fields(stored, demo=True).of(60) == pytest.approx(120.0, abs=0.01)
+    assert JobSeconds.from_fields({}, demo=True).of(10) == DEMO_START_S + 10 * DEMO_S_PER_SOURCE_S  # none stored yet
 
 # ---- cancel, timeout, failures ----------------------------------------------------------------------
 

@@ -5,11 +5,13 @@ frames, the decoder rebuilds it), so one flat average per job told a 10 s source
 the same. The rate is learned from the jobs that finished here (an exponential average, as the flat
 one was); before the first, the demo model starts from its figures measured on 2 CPU cores by
 benchmarks/demo_speed.py (docs/PERFORMANCE.md, "The demo model on a CPU"), and real weights, whose
-speed depends on the card, from the flat DEFAULT_JOB_SECONDS.
+speed depends on the card, from the flat DEFAULT_JOB_SECONDS. In the RQ mode the figures live in
+Redis (`fields`, `from_fields`), learned from every GPU host's jobs and read by every web worker.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 DEFAULT_JOB_SECONDS = 60.0  # real weights, before any job has completed here
 # The demo model (the tiny random checkpoint), 2 cores, 50 steps, from six demo_speed.py runs on the
@@ -30,6 +32,20 @@ class JobSeconds:
     @classmethod
     def for_model(cls, demo: bool) -> "JobSeconds":
         return cls(DEMO_START_S, DEMO_S_PER_SOURCE_S) if demo else cls()
+
+    @classmethod
+    def from_fields(cls, fields: Mapping, demo: bool) -> "JobSeconds":
+        """From a stored `fields()` mapping (str or bytes values); the model's starting figures if empty."""
+        values = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in fields.items()}
+        if "per_source_s" not in values:
+            return cls.for_model(demo)
+        return cls(values.get("start_s", 0.0), values["per_source_s"])
+
+    def fields(self) -> dict[str, str]:
+        """What `from_fields` reads back; nothing until there is a rate."""
+        if self.per_source_s is None:
+            return {}
+        return {"start_s": f"{self.start_s:.3f}", "per_source_s": f"{self.per_source_s:.4f}"}
 
     def of(self, source_s: float) -> float:
         if self.per_source_s is None:

@@ -58,6 +58,7 @@ class JobRunner:
         self.runner_prefix = runner_prefix  # RUNNER_COMMAND, or `python -m runner`
         self.runner_cwd = runner_cwd
         self.avg_job_s: float | None = None  # seconds a job has been taking, once one completed
+        self.demo = demo
         self.job_seconds = JobSeconds.for_model(demo)  # a job's time from its source's length
         self.closing = False
         self.unload_requested = False

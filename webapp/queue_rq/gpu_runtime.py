@@ -28,13 +28,14 @@ import time
 from pathlib import Path
 
 from webapp.errors import ApiError
+from webapp.job_estimate import JobSeconds
 from webapp.job_state import Job, JobState
 from webapp.job_store import MAX_ATTEMPTS
 from webapp.lego_params import LegoParams
 from webapp.logs import event
 from webapp.queue_rq import blobs
 from webapp.queue_rq.connection import UNAVAILABLE_ERRORS
-from webapp.queue_rq.records import (AVERAGE_KEY, LIVE_TTL_S, IllegalTransition, RecordState, Records, output_key,
+from webapp.queue_rq.records import (AVERAGE_KEY, JOB_SECONDS_KEY, LIVE_TTL_S, IllegalTransition, RecordState, Records, output_key,
                                      record_key, source_key)
 from webapp.queue_rq.remote_job import error_fields
 from webapp.uploads import JobFiles
@@ -255,12 +256,25 @@ class GpuRuntime:
         return {"task_id": task_id, "state": state.value, "error_code": None if error is None else code}
 
     def _update_average(self, job: Job) -> None:
+        """The cluster's figures for estimates: the average job, and seconds per second of source."""
         seconds = job.timings.get("runner_s")
         if not seconds:
             return
         raw = self.conn.get(AVERAGE_KEY)
         previous = float(raw) if raw else float(seconds)
         self.conn.set(AVERAGE_KEY, f"{0.7 * previous + 0.3 * float(seconds):.3f}")
+
+        def learn(pipe) -> None:  # read, learn, write back; redone if another host wrote meanwhile
+            figures = JobSeconds.from_fields(pipe.hgetall(JOB_SECONDS_KEY), self.demo)
+            figures.learn(float(seconds), job.duration_s)
+            pipe.multi()
+            pipe.hset(JOB_SECONDS_KEY, mapping=figures.fields())
+
+        self.conn.transaction(learn, JOB_SECONDS_KEY)
+
+    @property
+    def demo(self) -> bool:
+        return self.jobs.runner.demo
 
     def _persist(self, write):
         """Run a write, retrying while Redis is unreachable (a restart), for FINAL_WRITE_PATIENCE_S."""

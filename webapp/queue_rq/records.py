@@ -71,6 +71,7 @@ def output_key(task_id: str, index: int) -> str:
 
 STATS_KEY = f"{PREFIX}stats:finished"  # field "host|state|error_code" -> jobs ended so
 AVERAGE_KEY = f"{PREFIX}stats:average_job_s"
+JOB_SECONDS_KEY = f"{PREFIX}stats:job_seconds"  # webapp/job_estimate.py JobSeconds.fields()
 
 # KEYS: record, one index per state (STATES order), stats. ARGV: id, allowed from-states (csv),
 # new state, now, ttl (>0 expire, 0 persist, <0 leave), stats field ("" none), n, field/value pairs.

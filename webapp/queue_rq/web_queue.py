@@ -32,10 +32,11 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty
 
 from webapp.errors import ApiError
+from webapp.job_estimate import JobSeconds
 from webapp.logs import event
 from webapp.queue_rq import blobs, cluster
 from webapp.queue_rq.connection import heartbeats_trustworthy
-from webapp.queue_rq.records import (AVERAGE_KEY, LIVE, LIVE_TTL_S, QUEUE_NAME, IllegalTransition, RecordState, Records,
+from webapp.queue_rq.records import (AVERAGE_KEY, JOB_SECONDS_KEY, LIVE, LIVE_TTL_S, QUEUE_NAME, IllegalTransition, RecordState, Records,
                                      index_key, output_key, record_key, source_key)
 from webapp.queue_rq.remote_job import RemoteJob, error_fields
 
@@ -206,13 +207,20 @@ class RedisJobs:
         busy = figures["jobs"].get(RecordState.TAKEN.value, 0) + figures["jobs"].get(RecordState.RUNNING.value, 0)
         ahead = max(self.position(job) - 1, 0) if job.record.state is RecordState.QUEUED else 0
         rounds = (ahead + busy) // workers
-        return int(math.ceil(rounds * self.average_job_s()))
+        return int(math.ceil(rounds * self.job_s(job)))  # the jobs ahead as long as this one
 
     def estimated_remaining_s(self, job: RemoteJob) -> int:
         started = job.record.run_started_at
         if started is None:
-            return int(self.average_job_s())
-        return int(max(1.0, self.average_job_s() - (time.time() - started)))
+            return int(self.job_s(job))
+        return int(max(1.0, self.job_s(job) - (time.time() - started)))
+
+    def job_s(self, job: RemoteJob) -> float:
+        """Its whole run, from its source's length: the figures every GPU host's jobs taught (in Redis),
+        or the live workers' model's own until one finished (webapp/job_estimate.py)."""
+        workers = [w for w in self.figures()["workers"] if w["alive"]]
+        demo = any((w["status"].get("checkpoints") or {}).get("demo") for w in workers)
+        return JobSeconds.from_fields(self.conn.hgetall(JOB_SECONDS_KEY), demo).of(job.duration_s)
 
     def retry_after_s(self) -> int:
         workers = max(1, self.figures()["workers_alive"])
