@@ -188,6 +188,17 @@ def read_records(path: Path) -> list[dict]:
     return [r for r in records if "spawn" not in r and "noticed" not in r]
 
 
+def alive_runners_in(record: Path):
+    """For FakeGpuQueue.on_release, in-process services: the live fake runners of the session's job
+    (the session id is `acestep-lego-<task>-<n>`), from the fake runner's record."""
+
+    def alive(session_id: str) -> list[int]:
+        task = session_id.split("-")[2]
+        return [r["pid"] for r in read_records(record) if "start" in r and task in " ".join(r["argv"]) and pid_alive(r["pid"])]
+
+    return alive
+
+
 @pytest.fixture
 def web_env(tmp_path, fake_checkpoints) -> dict:
     """The environment of a test service: its own data folder, lock file and the fake runner."""
@@ -222,6 +233,17 @@ def make_app(web_env):
     yield _make
     for app in apps:
         app.extensions["acestep"].close(10)
+
+
+@pytest.fixture
+def client(app):
+    """The test client of the module's `app` fixture (each module sets its own limits)."""
+    return app.test_client()
+
+
+@pytest.fixture
+def data_dir(app):
+    return app.extensions["acestep"].settings.data_dir
 
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02, what: str = "condition"):

@@ -23,16 +23,6 @@ def app(make_app):
     return make_app(MAX_UPLOAD_MB="2", MAX_DURATION_S="20")
 
 
-@pytest.fixture
-def client(app):
-    return app.test_client()
-
-
-@pytest.fixture
-def data_dir(app):
-    return app.extensions["acestep"].settings.data_dir
-
-
 def analyze(client, audio: bytes | None, filename: str = "source.wav", **headers):
     data = {} if audio is None else {"audio_file": (io.BytesIO(audio), filename)}
     return client.post("/analyze", data=data, content_type="multipart/form-data", headers=headers)

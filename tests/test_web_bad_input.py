@@ -15,16 +15,6 @@ def app(make_app):
     return make_app(MAX_UPLOAD_MB="1", MAX_DURATION_S="20")
 
 
-@pytest.fixture
-def client(app):
-    return app.test_client()
-
-
-@pytest.fixture
-def data_dir(app):
-    return app.extensions["acestep"].settings.data_dir
-
-
 def form(audio: bytes | None = None, filename: str = "source.wav", **fields) -> dict:
     data = {"track_type": "drums", "bpm": "120", **fields}
     if audio is not None:

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from conftest import fake_runner_command, free_port, pid_alive, read_records, wait_for, wav_bytes
+from conftest import alive_runners_in, fake_runner_command, free_port, read_records, wait_for, wav_bytes
 
 
 def json_job(client, **fields):
@@ -53,11 +53,7 @@ def queued_app(make_app, fake_queue, tmp_path):
     """make(mode, **settings) -> (app, record file); the fake queue checks runner liveness at each release."""
     record = tmp_path / "runs.jsonl"
 
-    def alive_runners(session_id: str):
-        task = session_id.split("-")[2]
-        return [r["pid"] for r in read_records(record) if "start" in r and task in " ".join(r["argv"]) and pid_alive(r["pid"])]
-
-    fake_queue.on_release = alive_runners
+    fake_queue.on_release = alive_runners_in(record)
 
     def make(mode="ok", **settings):
         app = make_app(QUEUE_URL=fake_queue.url, QUEUE_POLL_INTERVAL_S="0.05", QUEUE_TOKENS="5000",

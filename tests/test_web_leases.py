@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fake_runner_command, pid_alive, read_records, wait_for, wav_bytes
+from conftest import alive_runners_in, fake_runner_command, read_records, wait_for, wav_bytes
 from webapp.data_lock import DataFolderInUse
 from webapp.durable import write_json
 from webapp.procinfo import ProcessId, identity, me
@@ -31,11 +31,7 @@ def finished(client, task) -> dict | None:
 def queued(make_app, fake_queue, tmp_path):
     record = tmp_path / "runs.jsonl"
 
-    def alive_runners(session_id: str):
-        task = session_id.split("-")[2]
-        return [r["pid"] for r in read_records(record) if "start" in r and task in " ".join(r["argv"]) and pid_alive(r["pid"])]
-
-    fake_queue.on_release = alive_runners
+    fake_queue.on_release = alive_runners_in(record)
 
     def make(mode="ok", **settings):
         return make_app(QUEUE_URL=fake_queue.url, QUEUE_POLL_INTERVAL_S="0.05",
