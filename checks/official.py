@@ -29,6 +29,7 @@ import soundfile as sf
 
 from checks import acestep_tiny
 from checks.serve_process import REPO, ServeRun, runner_env
+from runner import sampling
 
 RATE = 44100
 SECONDS = 2.0
@@ -158,6 +159,11 @@ def _check_events(report: Report, name: str, events: list, result: dict) -> None
     report.check(f"{name}: stages in order", stages[-4:] == wanted and stages.count("generating") == 1, " > ".join(stages))
     report.check(f"{name}: progress is one event per real diffusion step", steps == [(k, STEPS) for k in range(1, STEPS + 1)],
                  f"{[k for k, _ in steps]} of {STEPS}")
+    pieces = [(e["step"], e["total"]) for e in events if e["event"] == "progress" and e.get("stage") == "encoding"]
+    # The runner's plan of ACE-Step's tiling; a 2 s source is one piece with or without a GPU.
+    planned = len(sampling.source_tiles(int(SECONDS * sampling.SAMPLE_RATE), sampling.source_tile_seconds(0.0)))
+    report.check(f"{name}: encoding progress is one event per piece ACE-Step's VAE encoded",
+                 pieces == [(k, planned) for k in range(1, planned + 1)], f"{pieces}, {planned} planned")
     report.figure(f"{name}: encoding / generating", f"{result['timings'].get('encoding_s')} s / {result['timings'].get('generating_s')} s")
 
 

@@ -51,6 +51,15 @@ def choose(device: str = "auto", dtype: str = "auto", offload: str = "auto") -> 
     return Placement(device, dtype, use_offload, dtype_auto, name, total, cc)
 
 
+def gpu_total_gib(device: str) -> float:
+    """What the official encoder reads to size its pieces (acestep/gpu_config.py get_gpu_memory_gb): 0 without CUDA."""
+    import torch
+
+    if device != "cuda" or not torch.cuda.is_available():
+        return 0.0
+    return torch.cuda.get_device_properties(0).total_memory / 1024**3
+
+
 def import_torch_seconds(engine: str | None = None) -> float:
     """Import torch and the engine's own stack, never another engine's (runner/engines)."""
     from runner.engines import import_seconds

@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -255,12 +256,14 @@ def test_the_real_generate_music_reaches_the_handler_with_whole_clip_lego_argume
 
 # --- progress: real steps from the DiT's own loop -------------------------------------------------
 
-def run_generation(engine, job, in_worker_thread: bool, log: list, each_step=None):
+def run_generation(engine, job, in_worker_thread: bool, log: list, each_step=None, encode=None):
     """The real inference.generate_music over a handler.generate_music that does what ACE-Step does:
-    VAE-encode the source, then run the DiT (the official code in a daemon worker thread, joined
-    with a timeout)."""
+    VAE-encode the source (`encode`, if given), then run the DiT (the official code in a daemon
+    worker thread, joined with a timeout)."""
     def service(**kwargs):
         log.append(("vae encode", None, threading.current_thread().name))
+        if encode is not None:
+            encode()
         engine.handler.model.generate_audio(infer_steps=kwargs["inference_steps"], on_each=each_step)
 
     def handler_generate_music(**kwargs):
@@ -274,7 +277,7 @@ def run_generation(engine, job, in_worker_thread: bool, log: list, each_step=Non
 
     engine.handler.generate_music = handler_generate_music
     return engine.generate(job, lambda s: log.append(("stage", s, threading.current_thread().name)),
-                           lambda k, n: log.append(("step", (k, n), threading.current_thread().name)))
+                           lambda k, n, *stage: log.append(("step", (k, n, *stage), threading.current_thread().name)))
 
 
 @pytest.mark.parametrize("in_worker_thread", [False, True], ids=["fork: main thread", "official: worker thread"])
@@ -287,6 +290,36 @@ def test_progress_is_one_event_per_decoder_call_and_encoding_is_not_generation(i
     ]
     threads = {thread for kind, _, thread in log if kind == "step"}
     assert (threads == {"service-generate"}) if in_worker_thread else (threads == {"MainThread"})
+
+
+class VaeDouble(torch.nn.Module):
+    """The VAE where ACE-Step's tiled encode touches it: `encode` runs `encoder` (one 1920-sample hop)."""
+
+    dtype = torch.float32
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Conv1d(2, 2, 1920, stride=1920)
+
+    def encode(self, audio):
+        latents = self.encoder(audio)
+        return SimpleNamespace(latent_dist=SimpleNamespace(sample=lambda: latents))
+
+
+@pytest.mark.parametrize("seconds, pieces", [(40, 4), (12, 1)])
+def test_encoding_progress_is_one_event_per_piece_of_the_libraries_tiled_encode(seconds, pieces):
+    """The fork's own tiled_encode cuts the source (15 s pieces, 2 s overlap, without a GPU); the
+    engine's plan of it (runner.sampling) gives the total, and each encoder call is one event."""
+    engine, log = loaded_engine(), []
+    engine.handler.vae, engine.handler.device = VaeDouble(), "cpu"
+    job = lego_job(source=np.zeros((2, 48000 * seconds), np.float32), batch_size=1, steps=2)
+    encode = lambda: engine.handler.tiled_encode(torch.zeros(1, 2, job.source.shape[-1]), offload_latent_to_cpu=True)  # noqa: E731
+    run_generation(engine, job, True, log, encode=encode)
+    assert [(kind, value) for kind, value, _ in log] == [
+        ("stage", "encoding"), ("vae encode", None), *[("step", (k, pieces, "encoding")) for k in range(1, pieces + 1)],
+        ("stage", "generating"), ("step", (1, 2)), ("step", (2, 2)), ("stage", "decoding"),
+    ]
+    assert not engine.handler.vae.encoder._forward_hooks  # removed with the others
 
 
 def test_the_hooks_are_removed_after_the_generation_and_after_a_failure():

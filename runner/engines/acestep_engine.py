@@ -33,6 +33,7 @@ import soundfile as sf
 
 import patches
 from runner import cancellation, sampling
+from runner.device import gpu_total_gib
 from runner.engines.acestep_progress import DiffusionProgress
 from runner.engines.acestep_view import build_checkpoint_view
 from runner.engines.base import MODEL_SAMPLE_RATE, LegoJob, LoadOptions, StageCallback, StepCallback, seed_source_sample
@@ -292,11 +293,17 @@ class AcestepEngine:
             params = build_params(inference.GenerationParams, job, source_path, instruction_for(self.handler, job.track))
             config = build_config(inference.GenerationConfig, job)
             seed_source_sample(job.seed)  # the source's posterior sample (runner/sampling.py)
-            with DiffusionProgress(self.handler.model, job.steps, on_stage, on_step):
+            with DiffusionProgress(self.handler.model, job.steps, on_stage, on_step,
+                                   vae=getattr(self.handler, "vae", None), pieces=self._source_pieces(job)):
                 # save_dir None: ACE-Step keeps the audio in memory and writes no file of its own.
                 result = inference.generate_music(self.handler, None, params, config, None, progress=None)
             cancellation.raise_if_requested()  # ACE-Step turns any exception into a failed result
         return read_stems(result, job.batch_size)
+
+    def _source_pieces(self, job: LegoJob) -> int:
+        """How many pieces ACE-Step's tiled encode cuts the source into (runner.sampling's plan of it)."""
+        tile_seconds = sampling.source_tile_seconds(gpu_total_gib(self.device))
+        return len(sampling.source_tiles(job.source.shape[-1], tile_seconds))
 
     def _check_source_readable(self, path: Path, frames: int) -> None:
         """ACE-Step returns None for a source it cannot read and then runs lego on nothing; refuse instead."""

@@ -18,18 +18,10 @@ import numpy as np
 
 from runner import sampling, speedups
 from runner.contract import Stage
+from runner.device import gpu_total_gib
 from runner.engines.base import LegoJob, LoadOptions, StageCallback, StepCallback, seed_source_sample
 from runner.events import checkpoint_error, generation_error
 from runner.tracks import lego_instruction
-
-
-def gpu_total_gib(device: str) -> float:
-    """What the official encoder reads to size its pieces (acestep/gpu_config.py get_gpu_memory_gb): 0 without CUDA."""
-    import torch
-
-    if device != "cuda" or not torch.cuda.is_available():
-        return 0.0
-    return torch.cuda.get_device_properties(0).total_memory / 1024**3
 
 
 def _cuda_supports_bfloat16(device: str) -> bool:
