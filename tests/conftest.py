@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shlex
+import signal
 import shutil
 import socket
 import subprocess
@@ -233,6 +234,18 @@ def make_app(web_env):
     yield _make
     for app in apps:
         app.extensions["acestep"].close(10)
+
+
+@pytest.fixture
+def runner_sigterm():
+    """The runner's SIGTERM handler (runner/cancellation.py) in this process, for the test's length."""
+    from runner import cancellation
+
+    previous = signal.getsignal(signal.SIGTERM)
+    cancellation.install()
+    yield
+    signal.signal(signal.SIGTERM, previous)
+    cancellation.clear()
 
 
 @pytest.fixture

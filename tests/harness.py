@@ -81,15 +81,20 @@ class Gunicorn:
         return wait_for(lambda: (self.workers() or [None])[0], timeout=30, what="the gunicorn worker")
 
     def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout)
         self.log.close()
         return self.proc.returncode
+
+
+def terminate(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, as an operator stops a service; SIGKILL if it is still there after `timeout`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def runner_alive_check(servers: list[Gunicorn]):

@@ -22,7 +22,7 @@ from pathlib import Path
 import requests
 
 from conftest import ROOT, fake_runner_command, free_port, pid_alive, wait_for
-from harness import read_log_events
+from harness import read_log_events, terminate
 from tests.fakes.gpu_queue import FakeGpuQueue
 
 GUNICORN = ROOT / ".venv" / "bin" / "gunicorn"
@@ -154,13 +154,8 @@ class WebServer:
         return read_log_events(self.log_path, name)
 
     def stop(self, timeout: float = 40) -> int | None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc, timeout)
         if self._log is not None:
             self._log.close()
             self._log = None

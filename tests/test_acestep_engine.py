@@ -340,14 +340,6 @@ def test_the_hooks_are_removed_after_the_generation_and_after_a_failure():
 
 # --- cancellation -----------------------------------------------------------------------------------
 
-@pytest.fixture
-def runner_sigterm():
-    previous = signal.getsignal(signal.SIGTERM)
-    cancellation.install()
-    yield
-    signal.signal(signal.SIGTERM, previous)
-
-
 def test_sigterm_while_the_official_worker_thread_diffuses_cancels_the_main_thread(runner_sigterm):
     """The main thread waits in join() on ACE-Step's worker; SIGTERM interrupts that wait with
     Cancelled, which the real inference.generate_music's `except Exception` cannot swallow."""

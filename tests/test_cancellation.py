@@ -106,15 +106,6 @@ def test_sigterm_during_the_load_exits_5(tmp_path, tiny_checkpoint):
     assert list(out.iterdir()) == []
 
 
-@pytest.fixture
-def runner_sigterm():
-    previous = signal.getsignal(signal.SIGTERM)
-    cancellation.install()
-    yield
-    signal.signal(signal.SIGTERM, previous)
-    cancellation.clear()
-
-
 def official_style_load(attempts: list) -> tuple[str, bool]:
     """The official loader's shape in small (init_service_orchestrator.initialize_service around
     init_service_loader._load_main_model_from_checkpoint): an attention-backend retry loop that
