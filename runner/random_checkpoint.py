@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from runner import convert as conversion
-from runner.layout import DEMO_MARKER
+from runner.layout import DEMO_FORMAT, DEMO_MARKER
 
 # ACE-Step 1.5's VAE: 48 kHz stereo, 1920 samples per latent frame (25 fps), 64 latent channels.
 VAE_RATIOS = [2, 4, 4, 6, 10]
@@ -189,7 +189,8 @@ def _in_new_folder(dest: Path, write) -> Path:
 
 
 def _write_marker(folder: Path, size: str, seed: int) -> None:
-    (folder / DEMO_MARKER).write_text(json.dumps({"size": size, "seed": seed, "note": "random weights, not ACE-Step"}) + "\n")
+    marker = {"size": size, "seed": seed, "format": DEMO_FORMAT, "note": "random weights, not ACE-Step"}
+    (folder / DEMO_MARKER).write_text(json.dumps(marker) + "\n")
 
 
 def write_acestep_layout(dest: Path, size: str = "tiny", seed: int = 0, device: str = "cpu", dtype=None) -> Path:

@@ -9,6 +9,8 @@ if [ -z "${ACESTEP_CHECKPOINTS:-}" ] && [ ! -e ./checkpoints ]; then
   if [ ! -d "$demo" ]; then
     echo "No checkpoints configured: building a tiny demo model of RANDOM WEIGHTS in $demo" >&2
     "$PY" -m runner make-tiny-checkpoint "$demo" >/dev/null
+  else
+    "$PY" scripts/demo_current.py "$demo" || true  # an older demo still serves; the line says how to rebuild it
   fi
   export ACESTEP_CHECKPOINTS="$demo"
   echo "demo: random weights (ACESTEP_CHECKPOINTS=$demo). Run '.venv/bin/python -m runner download ./checkpoints' for the real model." >&2

@@ -56,3 +56,26 @@ def test_a_ready_service_prints_a_request_that_works_as_pasted(tmp_path, tiny_ch
     finally:
         proc.send_signal(signal.SIGTERM)  # after exec, the script's pid is gunicorn's master
         proc.wait(timeout=90)
+
+
+def test_an_older_demo_folder_is_named_with_how_to_rebuild_it(tmp_path, tiny_checkpoint):
+    """serve.sh keeps an existing demo folder (another service of the checkout may use it), but one
+    built by an older tiny model says so, and how to rebuild it (scripts/demo_current.py)."""
+    import json
+    import sys
+
+    from runner.layout import DEMO_FORMAT, DEMO_MARKER, demo_format
+
+    def check(folder):
+        return subprocess.run([sys.executable, "scripts/demo_current.py", str(folder)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+
+    assert demo_format(tiny_checkpoint) == DEMO_FORMAT  # what make-tiny-checkpoint writes now
+    current = check(tiny_checkpoint)
+    assert current.returncode == 0 and current.stderr == ""
+    older = tmp_path / "demo-checkpoint"
+    older.mkdir()
+    (older / DEMO_MARKER).write_text(json.dumps({"size": "tiny", "seed": 0, "note": "random weights, not ACE-Step"}))
+    stale = check(older)
+    assert stale.returncode == 1 and f"format 1, now {DEMO_FORMAT}" in stale.stderr and f"rm -rf {older}" in stale.stderr
+    assert check(tmp_path / "no-marker").returncode == 0  # not a demo folder: nothing to say
