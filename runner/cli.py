@@ -18,7 +18,7 @@ from pathlib import Path
 
 from runner import cancellation, host_memory
 from runner.events import EXIT_GENERATION, EXIT_OK, Cancelled, EventStream, RunnerError, bad_input
-from runner.contract import DEFAULT_MAX_DURATION_S
+from runner.contract import DEFAULT_MAX_DURATION_S, ENGINE_NAMES, IMPORT_ENGINE_FLAG
 from runner.tracks import TRACKS
 
 DEFAULT_CHECKPOINTS = "./checkpoints"
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "again after a failure and it continues, skipping finished files. HF_TOKEN is sent "
                     "when set (these repositories are public: it is not needed); HF_ENDPOINT points at a mirror.")
     download.add_argument("dir", type=Path, help="the checkpoint folder to fill (created if missing), e.g. ./checkpoints")
-    download.add_argument("--engine", choices=("diffusers", "acestep"), default=env.get("ACESTEP_ENGINE") or "diffusers",
+    download.add_argument("--engine", choices=ENGINE_NAMES, default=env.get("ACESTEP_ENGINE") or "diffusers",
                           help="the engine the weights are for (default ACESTEP_ENGINE or diffusers)")
 
     convert = sub.add_parser("convert", help="convert ACE-Step's checkpoint layout to a diffusers pipeline folder",
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="keep-warm: read lego jobs as JSON lines on stdin, one at a time")
     serve.add_argument("--idle-timeout", type=float, default=float(env.get("KEEP_WARM_S") or 0),
                        help="exit after this many idle seconds once a model is loaded (default KEEP_WARM_S or 0)")
+    serve.add_argument(IMPORT_ENGINE_FLAG, dest="import_engine", choices=ENGINE_NAMES, default=None,
+                       help="import this engine's stack while waiting for the first job (default ACESTEP_ENGINE; "
+                            "the service passes the engine its checkpoint folder implies)")
     return parser
 
 
@@ -99,7 +102,7 @@ def _add_model_options(parser, env, with_checkpoints: bool = True) -> None:
     if with_checkpoints:
         parser.add_argument("--checkpoints", type=Path, default=Path(env.get("ACESTEP_CHECKPOINTS") or DEFAULT_CHECKPOINTS),
                             help="checkpoint folder (default ACESTEP_CHECKPOINTS or ./checkpoints)")
-    parser.add_argument("--engine", choices=("diffusers", "acestep"), default=env.get("ACESTEP_ENGINE") or None,
+    parser.add_argument("--engine", choices=ENGINE_NAMES, default=env.get("ACESTEP_ENGINE") or None,
                         help="override the engine chosen from the folder's layout (ACESTEP_ENGINE)")
     parser.add_argument("--device", default=env.get("ACESTEP_DEVICE") or "auto", help="auto|cuda|cpu")
     parser.add_argument("--dtype", default=env.get("ACESTEP_DTYPE") or "auto", help="auto|bfloat16|float16|float32")

@@ -19,11 +19,16 @@ from typing import Any
 
 SERVE_COMMAND = "serve"  # `python -m runner serve --idle-timeout S`: the only way the service runs it
 IDLE_TIMEOUT_FLAG = "--idle-timeout"
+IMPORT_ENGINE_FLAG = "--import-engine"  # the engine whose stack to import while waiting for a job
+ENGINE_NAMES = ("diffusers", "acestep")
 
 
-def serve_argv(prefix: list[str], idle_timeout_s: float) -> list[str]:
-    """The full command of a keep-warm runner: RUNNER_COMMAND (or `python -m runner`) + serve."""
-    return [*prefix, SERVE_COMMAND, IDLE_TIMEOUT_FLAG, f"{max(0.0, idle_timeout_s):g}"]
+def serve_argv(prefix: list[str], idle_timeout_s: float, engine: str | None = None) -> list[str]:
+    """The full command of a keep-warm runner: RUNNER_COMMAND (or `python -m runner`) + serve.
+    `engine`: the one the checkpoint folder implies, imported while the runner waits (each job's
+    own engine still decides; a wrong guess only costs that job the import)."""
+    argv = [*prefix, SERVE_COMMAND, IDLE_TIMEOUT_FLAG, f"{max(0.0, idle_timeout_s):g}"]
+    return argv + [IMPORT_ENGINE_FLAG, engine] if engine in ENGINE_NAMES else argv
 
 
 # ---- job lines (stdin) ----------------------------------------------------------------------------

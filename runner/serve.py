@@ -74,7 +74,7 @@ def serve(args, events: EventStream) -> int:
     from runner.device import import_torch_seconds
     from runner.lego import EngineCache, run_lego
 
-    events.emit(EventType.READY.value, loaded=False, import_s=import_torch_seconds())
+    events.emit(EventType.READY.value, loaded=False, import_s=import_torch_seconds(args.import_engine))
     cache = EngineCache()
     idle = max(0.0, float(args.idle_timeout))
     jobs = 0  # job lines taken (one refused for its values included: with --idle-timeout 0 it ends the runner too)

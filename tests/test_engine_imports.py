@@ -130,3 +130,19 @@ def test_the_diffusers_engine_imports_nothing_of_acestep():
             "print(sorted(m for m in sys.modules if m == 'acestep' or m.startswith(('acestep.', 'nanovllm'))))")
     done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=REPO, env=runner_env(), timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
+
+
+def test_the_compile_switch_imports_the_compiled_blocks_loader_with_the_engine():
+    """With `compile` chosen, a runner started ahead imports Inductor's loader while it waits (3.3 s of
+    a first job on the H200's host, docs/PERFORMANCE.md); without it, none of that is imported."""
+    code = ("import sys; from runner.engines import import_seconds, COMPILE_LOADER_MODULES; import_seconds('diffusers'); "
+            "print(sum(m in sys.modules for m in COMPILE_LOADER_MODULES), len(COMPILE_LOADER_MODULES))")
+    counts = {}
+    for speedups in ("contiguous,fused,attention,compile", "default", "not-a-switch"):
+        done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
+                              env=runner_env(ACESTEP_SPEEDUPS=speedups))
+        assert done.returncode == 0, done.stderr[-2000:]
+        counts[speedups] = tuple(map(int, done.stdout.split()))
+    imported, listed = counts["contiguous,fused,attention,compile"]
+    assert imported == listed > 0
+    assert counts["default"][0] < listed and counts["not-a-switch"] == counts["default"]

@@ -84,7 +84,10 @@ def test_the_service_starts_the_runner_with_the_contracts_command_line():
     from runner.cli import build_parser
 
     args = build_parser().parse_args(contract.serve_argv([], 12.5))
-    assert args.command == contract.SERVE_COMMAND and args.idle_timeout == 12.5
+    assert args.command == contract.SERVE_COMMAND and args.idle_timeout == 12.5 and args.import_engine is None
+    for engine in contract.ENGINE_NAMES:
+        assert build_parser().parse_args(contract.serve_argv([], 0, engine)).import_engine == engine
+    assert contract.serve_argv([], 0, None) == contract.serve_argv([], 0, "not-an-engine") == ["serve", "--idle-timeout", "0"]
 
 
 def test_job_states_refuse_illegal_moves(make_app):

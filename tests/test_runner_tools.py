@@ -109,3 +109,25 @@ def test_serve_reuses_the_loaded_model_and_exits_when_idle(tmp_path, tiny_checkp
     assert [e["code"] for e in events if e["event"] == "error"] == ["bad_job_line", "bad_bpm"]
     assert [e["loaded"] for e in events if e["event"] == "ready"] == [False, True, True, True, True]
     assert "serve: exiting after 2 job(s), 2 line(s) rejected" in proc.stderr.read()  # issue 14: not "4 job(s)"
+
+
+def test_serve_imports_the_engine_it_is_told_before_its_first_job(tmp_path, tiny_checkpoint):
+    """The service names the engine its checkpoint folder implies (contract.serve_argv): the runner
+    imports that stack while it waits, so the first job's own import costs nothing. Without the
+    name (and no ACESTEP_ENGINE) the job imports it."""
+    from runner.contract import serve_argv
+
+    src = write_tone(tmp_path / "s.wav", 1.0)
+    job = json.dumps({"command": "lego", "args": {"source": str(src), "track": "drums", "bpm": 90, "steps": 2,
+                                                  "checkpoints": str(tiny_checkpoint), "out": str(tmp_path)}})
+    first_job_import_s = {}
+    for engine in ("diffusers", None):
+        proc = subprocess.Popen([PYTHON, *serve_argv(["-m", "runner"], 0, engine)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=runner_env())
+        proc.stdin.write(job + "\n")  # stdin stays open during the job: its end would cancel it (lifeline)
+        proc.stdin.flush()
+        events = [json.loads(line) for line in proc.stdout]
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()[-2000:]
+        (result,) = [e for e in events if e["event"] == "result"]
+        first_job_import_s[engine] = result["timings"]["import_s"]
+    assert first_job_import_s["diffusers"] == 0.0 and first_job_import_s[None] > 0

@@ -79,6 +79,7 @@ def test_a_failed_job_does_not_keep_the_runner_warm(queued_app, fake_queue):
 def test_prestarted_runner_holds_no_tokens_and_takes_the_first_job(queued_app, fake_queue):
     app, record = queued_app("ok")
     (spare,) = wait_for(lambda: spawns(record), what="a runner started ahead")
+    assert spare["import_engine"] == "diffusers"  # the folder's engine, imported while it waits
     jobs = app.extensions["acestep"].jobs
     wait_for(lambda: jobs.warm_state()["spare_ready"], what="the spare to say it is ready")
     assert fake_queue.calls == []  # started ahead and ready, it asked for no tokens

@@ -43,7 +43,8 @@ def build(settings, data_lock, resume: bool) -> tuple[Service, list[Job], dict]:
         resumed, recovered = store.recover()
     else:
         resumed, recovered = [], {"removed": remove_entries(jobs_root(settings.data_dir), tmp_root(settings.data_dir))}
-    runner = JobRunner(settings, store, leases, registry, runner_command(settings), PROJECT_ROOT, demo=ckpt.demo)
+    runner = JobRunner(settings, store, leases, registry, runner_command(settings), PROJECT_ROOT, demo=ckpt.demo,
+                       engine=ckpt.engine)
     jobs = JobManager(settings, store, runner)
     service = Service(settings=settings, jobs=jobs, tokens=tokens, checkpoints=ckpt, leases=leases, keeper=keeper,
                       data_lock=data_lock)

@@ -50,7 +50,7 @@ class WarmRunner:
 
 class JobRunner:
     def __init__(self, settings, store: JobStore, leases: Leases, registry: RunnerRegistry, runner_prefix: list[str],
-                 runner_cwd: Path, demo: bool = False):
+                 runner_cwd: Path, demo: bool = False, engine: str | None = None):
         self.settings = settings
         self.store = store
         self.leases = leases
@@ -59,6 +59,7 @@ class JobRunner:
         self.runner_cwd = runner_cwd
         self.avg_job_s: float | None = None  # seconds a job has been taking, once one completed
         self.demo = demo
+        self.engine = engine  # what the checkpoint folder implies: runners started ahead import its stack
         self.job_seconds = JobSeconds.for_model(demo)  # a job's time from its source's length
         self.closing = False
         self.unload_requested = False
@@ -226,7 +227,8 @@ class JobRunner:
     # ---- runners between jobs ------------------------------------------------------------------------
 
     def _start_runner(self) -> RunnerProcess | None:
-        runner = RunnerProcess(serve_argv(self.runner_prefix, self._runner_idle_s()), self.runner_cwd, self.registry)
+        runner = RunnerProcess(serve_argv(self.runner_prefix, self._runner_idle_s(), self.engine), self.runner_cwd,
+                               self.registry)
         try:
             runner.start()
         except OSError as exc:

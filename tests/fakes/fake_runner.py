@@ -16,7 +16,7 @@ line on stdout, then a normal result), chatty (writes --chatty-kb of stderr per 
 disk that fills up). `--once FILE`: MODE applies only to the first job (across processes; FILE marks it), later jobs run
 ok, as a fault that does not repeat after a restart. A job whose caption reads `fake-mode:MODE`
 runs in that mode instead (SIGTERM handling stays the process's), so one runner command can play
-several cases. `--record FILE` appends {"pid","spawn"} at start, {"pid","start","argv"} when a
+several cases. `--record FILE` appends {"pid","spawn","import_engine"} at start, {"pid","start","argv"} when a
 job arrives (with its `args`) and {"pid","exit","code"} when the process ends normally.
 The "ok" output is the source itself, in the requested format, same rate and frame count.
 """
@@ -32,6 +32,7 @@ import soundfile as sf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from runner import lifeline  # noqa: E402 - the real runner's watches, not a copy
+from runner.cli import build_parser  # noqa: E402 - the real runner's command line
 
 FORMATS = {"wav": ("WAV", "FLOAT"), "flac": ("FLAC", "PCM_24"), "mp3": ("MP3", "MPEG_LAYER_III")}
 STATUS = {"badinput": (2, "bad_arguments", "The runner refused the arguments.", False),
@@ -124,11 +125,10 @@ def main(argv):
     own.add_argument("--once", help="a marker file: MODE applies to the first job that finds it absent, later jobs run ok")
     split = argv.index("serve")
     opts = own.parse_args(argv[:split])
-    serve = argparse.ArgumentParser()
-    serve.add_argument("--idle-timeout", type=float, default=0.0)
-    idle = serve.parse_args(argv[split + 1:]).idle_timeout
+    serve = build_parser().parse_args(argv[split:])  # the real runner's parser: the same flags, the same refusals
+    idle = serve.idle_timeout
 
-    record(opts.record, spawn=time.time())
+    record(opts.record, spawn=time.time(), import_engine=serve.import_engine)
     cancelled = {"flag": False}
 
     def on_term(_sig, _frame):
