@@ -105,6 +105,55 @@ def cold_runner(ckpt: Path, args, emit) -> None:
             emit(f"cold_runner_{entry.replace(',', '+').replace('/', '_')}_{attempt + 1}", row)
 
 
+# `serve` with the compiled blocks' loader left to the first job, as before it was imported ahead.
+NO_IMPORT_AHEAD_RUNNER = ("import sys; from runner import host_memory; host_memory.ask_for_huge_pages(); "
+                          "import runner.engines as e; e.COMPILE_LOADER_MODULES = (); "
+                          "from runner.cli import main; sys.exit(main())")
+
+
+def gpu_mib_of(pid: int) -> int | None:
+    """What nvidia-smi says process `pid` holds on the GPU: 0 where it holds nothing, None without nvidia-smi."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    rows = [line.split(",") for line in done.stdout.splitlines() if "," in line]
+    return sum(int(mib) for p, mib in rows if int(p) == pid)
+
+
+def prestarted_runner(ckpt: Path, args, emit) -> None:
+    """The service's cold request: a `serve` runner started ahead (imports done while it waits, no
+    GPU touched) and its first job, timed from the job line to the result, as `JobRunner` runs it.
+    Entries of `args.cold_settings` as in `cold_runner`; `SWITCHES/noimport` leaves the compiled
+    blocks' loader to the job (runner.engines.COMPILE_LOADER_MODULES emptied) for a side-by-side."""
+    from benchmarks.gpu_bench import Serve
+    from benchmarks.gpu_bench import make_source as wav_source
+
+    work = Path(args.work)
+    src = wav_source(work, int(args.seconds))
+    job = dict(source=str(src), track="vocals", bpm=120, checkpoints=str(ckpt), out=str(work), seed=1,
+               device=args.device, dtype=args.dtypes[0], offload="off", format="wav")
+    for attempt in range(args.cold_runs):
+        for entry in args.cold_settings.split(";"):
+            setting, _, mode = entry.partition("/")
+            serve = Serve(env={"ACESTEP_SPEEDUPS": setting, "ACESTEP_ENGINE": "diffusers"},
+                          runner=["-c", NO_IMPORT_AHEAD_RUNNER] if mode == "noimport" else None)
+            idle_mib = gpu_mib_of(serve.proc.pid) if args.device == "cuda" else None
+            result, seconds = serve.job(**job)
+            serve.close()
+            row = {"ready_s": round(serve.ready_s, 2), "import_s": serve.import_s, "gpu_mib_while_waiting": idle_mib,
+                   "job_s": round(seconds, 2)}
+            if result.get("event") == "result":
+                row.update(timings=result["timings"], speedups=result.get("speedups"),
+                           peak_vram_mib=(result.get("peak_vram_bytes") or 0) // 2**20)
+                for output in result["outputs"]:
+                    Path(output["path"]).unlink(missing_ok=True)
+            else:
+                row["error"] = result
+            emit(f"prestarted_{entry.replace(',', '+').replace('/', '_')}_{attempt + 1}", row)
+
+
 def artifact_load_profile(cache: Path, top: int = 25) -> dict:
     """Where a fresh process's load of the saved compiled blocks goes (run in a new process, after
     torch and diffusers are imported): each artifact loaded in turn under cProfile, in this thread."""
@@ -127,3 +176,27 @@ def artifact_load_profile(cache: Path, top: int = 25) -> dict:
     rows = sorted(((f"{Path(k[0]).name}:{k[1]}({k[2]})", v[3]) for k, v in stats.stats.items()), key=lambda r: -r[1])
     return {"artifacts": [p.name for p in paths], "loaded": loaded, "seconds": round(seconds, 2),
             "top_cumulative_s": [(name, round(s, 3)) for name, s in rows[:top]]}
+
+
+def loader_imports(cache: Path, ahead: bool) -> dict:
+    """Run in a fresh process with the diffusers engine imported: where loading the saved compiled
+    blocks goes with (`ahead`) or without runner.engines.COMPILE_LOADER_MODULES imported first. The
+    seconds of each part, and the modules the load still imported (apart from Inductor's generated code)."""
+    import importlib
+
+    import runner.engines.diffusers_engine  # noqa: F401 - the engine's stack, as a runner has it
+    from runner.compiled_blocks import load_artifact
+    from runner.engines import COMPILE_LOADER_MODULES
+
+    t = time.perf_counter()
+    for module in COMPILE_LOADER_MODULES if ahead else ():
+        importlib.import_module(module)
+    ahead_s = time.perf_counter() - t
+    before = set(sys.modules)
+    t = time.perf_counter()
+    loaded = [load_artifact(p) is not None for p in sorted(cache.glob("dit-*.block"))]
+    load_s = time.perf_counter() - t
+    new = sorted(m for m in set(sys.modules) - before if ".compile_tasks." not in m and not m.endswith(".kernel"))
+    return {"ahead_s": round(ahead_s, 2), "load_s": round(load_s, 2), "loaded": loaded, "modules_imported": len(new),
+            "modules": new if len(new) <= 40 else new[:40] + ["..."]}
+

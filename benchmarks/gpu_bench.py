@@ -122,11 +122,13 @@ class Serve:
     """A keep-warm runner process: jobs on stdin, events on stdout. `wait=False` starts it ahead
     (it imports torch and diffusers, touching no GPU) and `wait_ready` waits for it later."""
 
-    def __init__(self, idle: float = 600, wait: bool = True):
+    def __init__(self, idle: float = 600, wait: bool = True, env: dict | None = None, runner: list | None = None):
+        """`env`: settings over the benchmark's own; `runner`: python's arguments before the
+        command, `-m runner` unless given."""
         self.started = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "runner", "serve", "--idle-timeout", str(idle)],
+        self.proc = subprocess.Popen([sys.executable, *(runner or ["-m", "runner"]), "serve", "--idle-timeout", str(idle)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, cwd=REPO, env=runner_env())
+                                     text=True, cwd=REPO, env=dict(runner_env(), **(env or {})))
         self.stderr_lines: list[str] = []
         threading.Thread(target=lambda: self.stderr_lines.extend(self.proc.stderr), daemon=True).start()
         self.ready_s = self.import_s = None

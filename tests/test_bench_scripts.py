@@ -37,3 +37,22 @@ def test_cold_runner_runs_the_runner_with_and_without_the_prefetch(tiny_checkpoi
     for row in rows.values():
         assert "error" not in row, row["error"]
         assert row["speedups"]["on"] == ["contiguous"] and row["speedups"]["dit_forwards"]["calls"] == 50
+
+
+def test_prestarted_runner_times_a_first_job_in_a_runner_started_ahead(tiny_checkpoint, tmp_path):
+    """The service's cold request: `serve` started ahead, then one job; `/noimport` is the same runner
+    with the compiled blocks' loader left to the job. Both must be real runs of the whole job."""
+    from types import SimpleNamespace
+
+    from benchmarks import cold_compile
+
+    rows = {}
+    args = SimpleNamespace(work=str(tmp_path), seconds=2, cold_runs=1, device="cpu", dtypes=["float32"],
+                           cold_settings="contiguous;contiguous/noimport")
+    cold_compile.prestarted_runner(tiny_checkpoint, args, rows.__setitem__)
+    assert sorted(rows) == ["prestarted_contiguous_1", "prestarted_contiguous_noimport_1"]
+    for row in rows.values():
+        assert "error" not in row, row["error"]
+        assert row["speedups"]["on"] == ["contiguous"] and row["speedups"]["dit_forwards"]["calls"] == 50
+        assert row["timings"]["import_s"] == 0.0 and row["import_s"] > 0  # the stack came in while it waited
+        assert row["job_s"] >= row["timings"]["total_s"] - 0.01  # the job line to the result holds the whole job
