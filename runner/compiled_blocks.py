@@ -13,10 +13,13 @@ The block is an argument of the compiled function, so its weights are graph inpu
 serves all 24 blocks, and any checkpoint of the same shapes. Shapes are dynamic (source length and
 batch). A call the artifact's guards refuse runs the block as it is, and is counted.
 
-Loading the artifacts costs a fresh process seconds (Inductor's modules, the generated code, the
-kernels). The key depends only on the checkpoint's config, the dtype and the card, so `Prefetch`
-starts loading in a thread before the weights are read, and the first block call takes what it
-loaded: the load runs beside the weight load and the source's encoding instead of after them.
+Loading the artifacts costs a fresh process seconds: importing Inductor's modules (3-4 s on the
+H200's host), then the generated code and the kernels (about 1 s). The imports are made while a
+runner started ahead waits for its job (runner.engines.COMPILE_LOADER_MODULES). The rest: the key
+depends only on the checkpoint's config, the dtype and the card, so `Prefetch` starts loading in a
+thread before the weights are read, and the first block call takes what it loaded. Being Python,
+that load holds the GIL, so it overlaps the weight load and the encoding only in part
+(docs/PERFORMANCE.md, goal 2).
 """
 from __future__ import annotations
 
