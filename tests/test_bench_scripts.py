@@ -3,6 +3,8 @@ H200 figures come from cannot rot between lent-machine runs: its proof rows must
 batch and one DiT call per step, and it must end without a recorded failure."""
 from __future__ import annotations
 
+import pytest
+
 from benchmarks import step_speed
 
 
@@ -23,36 +25,24 @@ def test_step_speed_runs_its_real_path_on_the_tiny_checkpoint(tiny_checkpoint, t
     assert results["float32_variant_attention"]["rel_err_vs_eager"] < 1e-5
 
 
-def test_cold_runner_runs_the_runner_with_and_without_the_prefetch(tiny_checkpoint, tmp_path):
-    """The cold-request rows compare `SWITCHES` with `SWITCHES/noprefetch`: both must be real runs."""
+@pytest.mark.parametrize("bench, mode, prefix", [("cold_runner", "noprefetch", "cold_runner"),
+                                                   ("prestarted_runner", "noimport", "prestarted")])
+def test_cold_request_benchmarks_run_both_forms_of_the_runner(bench, mode, prefix, tiny_checkpoint, tmp_path):
+    """The cold-request rows compare `SWITCHES` with `SWITCHES/MODE`: a one-shot `lego` with and
+    without the compiled blocks' prefetch; `serve` started ahead with and without their loader
+    imported while it waits (the service's cold request). Both forms must be real runs of the job."""
     from types import SimpleNamespace
 
     from benchmarks import cold_compile
 
     rows = {}
     args = SimpleNamespace(work=str(tmp_path), seconds=2, cold_runs=1, device="cpu", dtypes=["float32"],
-                           cold_settings="contiguous;contiguous/noprefetch")
-    cold_compile.cold_runner(tiny_checkpoint, args, rows.__setitem__)
-    assert sorted(rows) == ["cold_runner_contiguous_1", "cold_runner_contiguous_noprefetch_1"]
+                           cold_settings=f"contiguous;contiguous/{mode}")
+    getattr(cold_compile, bench)(tiny_checkpoint, args, rows.__setitem__)
+    assert sorted(rows) == [f"{prefix}_contiguous_1", f"{prefix}_contiguous_{mode}_1"]
     for row in rows.values():
         assert "error" not in row, row["error"]
         assert row["speedups"]["on"] == ["contiguous"] and row["speedups"]["dit_forwards"]["calls"] == 50
-
-
-def test_prestarted_runner_times_a_first_job_in_a_runner_started_ahead(tiny_checkpoint, tmp_path):
-    """The service's cold request: `serve` started ahead, then one job; `/noimport` is the same runner
-    with the compiled blocks' loader left to the job. Both must be real runs of the whole job."""
-    from types import SimpleNamespace
-
-    from benchmarks import cold_compile
-
-    rows = {}
-    args = SimpleNamespace(work=str(tmp_path), seconds=2, cold_runs=1, device="cpu", dtypes=["float32"],
-                           cold_settings="contiguous;contiguous/noimport")
-    cold_compile.prestarted_runner(tiny_checkpoint, args, rows.__setitem__)
-    assert sorted(rows) == ["prestarted_contiguous_1", "prestarted_contiguous_noimport_1"]
-    for row in rows.values():
-        assert "error" not in row, row["error"]
-        assert row["speedups"]["on"] == ["contiguous"] and row["speedups"]["dit_forwards"]["calls"] == 50
-        assert row["timings"]["import_s"] == 0.0 and row["import_s"] > 0  # the stack came in while it waited
-        assert row["job_s"] >= row["timings"]["total_s"] - 0.01  # the job line to the result holds the whole job
+        if bench == "prestarted_runner":
+            assert row["timings"]["import_s"] == 0.0 and row["import_s"] > 0  # the stack came in while it waited
+            assert row["job_s"] >= row["timings"]["total_s"] - 0.01  # the job line to the result holds the whole job
