@@ -43,8 +43,7 @@ def build(settings, data_lock, resume: bool) -> tuple[Service, list[Job], dict]:
         resumed, recovered = store.recover()
     else:
         resumed, recovered = [], {"removed": remove_entries(jobs_root(settings.data_dir), tmp_root(settings.data_dir))}
-    runner = JobRunner(settings, store, leases, registry, runner_command(settings), PROJECT_ROOT, demo=ckpt.demo,
-                       engine=ckpt.engine)
+    runner = JobRunner(settings, store, leases, registry, runner_command(settings), PROJECT_ROOT, demo=ckpt.demo)
     jobs = JobManager(settings, store, runner)
     service = Service(settings=settings, jobs=jobs, tokens=tokens, checkpoints=ckpt, leases=leases, keeper=keeper,
                       data_lock=data_lock)

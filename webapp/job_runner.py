@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner.contract import ExitStatus, serve_argv
+from webapp.checkpoints import inspect_checkpoints
 from webapp.durable import is_storage_full
 from webapp.errors import ApiError
 from webapp.gpu_tokens import AcquireFailed, WaitCancelled
@@ -50,7 +51,7 @@ class WarmRunner:
 
 class JobRunner:
     def __init__(self, settings, store: JobStore, leases: Leases, registry: RunnerRegistry, runner_prefix: list[str],
-                 runner_cwd: Path, demo: bool = False, engine: str | None = None):
+                 runner_cwd: Path, demo: bool = False):
         self.settings = settings
         self.store = store
         self.leases = leases
@@ -59,7 +60,6 @@ class JobRunner:
         self.runner_cwd = runner_cwd
         self.avg_job_s: float | None = None  # seconds a job has been taking, once one completed
         self.demo = demo
-        self.engine = engine  # what the checkpoint folder implies: runners started ahead import its stack
         self.job_seconds = JobSeconds.for_model(demo)  # a job's time from its source's length
         self.closing = False
         self.unload_requested = False
@@ -227,8 +227,8 @@ class JobRunner:
     # ---- runners between jobs ------------------------------------------------------------------------
 
     def _start_runner(self) -> RunnerProcess | None:
-        runner = RunnerProcess(serve_argv(self.runner_prefix, self._runner_idle_s(), self.engine), self.runner_cwd,
-                               self.registry)
+        runner = RunnerProcess(serve_argv(self.runner_prefix, self._runner_idle_s(), self._folder_engine()),
+                               self.runner_cwd, self.registry)
         try:
             runner.start()
         except OSError as exc:
@@ -238,6 +238,12 @@ class JobRunner:
         self._start_error = None
         event(log, "runner_spawned", pid=runner.pid)
         return runner
+
+    def _folder_engine(self) -> str | None:
+        """The engine the checkpoint folder implies now, for the runner to import while it waits
+        (read at each start: the weights may arrive after the service started)."""
+        s = self.settings
+        return inspect_checkpoints(s.acestep_checkpoints, s.acestep_engine, s.acestep_config_path).engine
 
     def _take_spare(self) -> RunnerProcess | None:
         runner, self._spare = self._spare, None
