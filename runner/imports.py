@@ -15,7 +15,8 @@ import importlib
 import sys
 from pathlib import Path
 
-from runner.engines import ENGINE_MODULES, ENGINES
+from runner.contract import ENGINE_NAMES
+from runner.engines import ENGINE_MODULES
 
 ENTRY_POINTS = ("runner.cli", "runner.lego", "runner.serve", "runner.check", "runner.download")
 OWN_PACKAGES = ("runner", "patches")
@@ -127,8 +128,8 @@ def _is_submodule(module: str, name: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or args[0] not in ENGINES:
-        print(f"usage: python -m runner.imports {{{','.join(ENGINES)}}}", file=sys.stderr)
+    if len(args) != 1 or args[0] not in ENGINE_NAMES:
+        print(f"usage: python -m runner.imports {{{','.join(ENGINE_NAMES)}}}", file=sys.stderr)
         return 2
     report = check(args[0])
     third_party = sorted({m.split(".")[0] for m in report["imported"]} - {"runner", "patches"} - set(sys.stdlib_module_names))

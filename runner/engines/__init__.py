@@ -16,7 +16,6 @@ from runner.contract import ENGINE_NAMES, speedup_names
 from runner.engines.base import Engine
 from runner.events import checkpoint_error
 
-ENGINES = ENGINE_NAMES
 # The heavy modules each engine's job imports (for the import timing and the image's import check).
 ENGINE_MODULES = {
     "diffusers": ("runner.engines.diffusers_engine", "diffusers.pipelines.ace_step.pipeline_ace_step"),
@@ -60,7 +59,7 @@ def create(name: str) -> Engine:
         from runner.engines.acestep_engine import AcestepEngine
 
         return AcestepEngine()
-    raise checkpoint_error("unknown_engine", f"Unknown engine {name!r}; ACESTEP_ENGINE must be one of {', '.join(ENGINES)}.")
+    raise checkpoint_error("unknown_engine", f"Unknown engine {name!r}; ACESTEP_ENGINE must be one of {', '.join(ENGINE_NAMES)}.")
 
 
 def import_seconds(name: str | None = None) -> float:
