@@ -2,8 +2,9 @@
 
 `first_forward` is one new process's cost before its first DiT forward (load, switches, first
 call; with the compile switch that is Dynamo's trace plus Inductor's cache load). `cold_runner`
-is the whole cold request, `python -m runner lego` as the service starts it, with the switches
-off (ACESTEP_SPEEDUPS=none) and at their defaults, alternated. Called from step_speed.py.
+is a whole one-shot `python -m runner lego` process, and `prestarted_runner` the service's own cold
+request (a runner started ahead, then its first job), each under several ACESTEP_SPEEDUPS settings,
+alternated. `cold_runner` is called from step_speed.py.
 """
 from __future__ import annotations
 
@@ -67,15 +68,22 @@ def fresh_processes(ckpt: Path, args, emit) -> None:
             emit(f"fresh_{dtype_name}_{name}{'_threads' + threads if threads else ''}", json.loads(lines[-1]) if lines else {"error": done.stderr[-2000:]})
 
 
-# The runner's own entry point, with `speedups.prefetch` answering None (the engine looks it up at load).
-# Huge pages are asked for first, as `main` does before torch is imported.
-NO_PREFETCH_RUNNER = ("import sys; from runner import host_memory; host_memory.ask_for_huge_pages(); "
-                      "import runner.speedups as s; s.prefetch = lambda *a, **k: None; "
-                      "from runner.cli import main; sys.exit(main())")
+def patched_runner(patch: str) -> str:
+    """`python -c` code for the runner's own entry point with `patch` run first (after huge pages
+    are asked for, as `main` does before torch is imported): a side-by-side without one piece."""
+    return ("import sys; from runner import host_memory; host_memory.ask_for_huge_pages(); "
+            f"{patch}; from runner.cli import main; sys.exit(main())")
+
+
+# `speedups.prefetch` answering None (the engine looks it up at load): the compiled blocks load at
+# the first block call, as before the prefetch.
+NO_PREFETCH_RUNNER = patched_runner("import runner.speedups as s; s.prefetch = lambda *a, **k: None")
+# The compiled blocks' loader left to the first job, as before it was imported ahead.
+NO_IMPORT_AHEAD_RUNNER = patched_runner("import runner.engines as e; e.COMPILE_LOADER_MODULES = ()")
 
 
 def cold_runner(ckpt: Path, args, emit) -> None:
-    """`python -m runner lego` as the service starts it (a fresh process), speed-ups off vs default.
+    """A one-shot `python -m runner lego` (a fresh process per job, the seed's behaviour) per setting.
     A setting `SWITCHES/noprefetch` runs the same runner with the compiled blocks' prefetch thread
     left out (they then load at the first block call, as before the prefetch), for a side-by-side."""
     from benchmarks.gpu_bench import make_source as wav_source
@@ -105,29 +113,12 @@ def cold_runner(ckpt: Path, args, emit) -> None:
             emit(f"cold_runner_{entry.replace(',', '+').replace('/', '_')}_{attempt + 1}", row)
 
 
-# `serve` with the compiled blocks' loader left to the first job, as before it was imported ahead.
-NO_IMPORT_AHEAD_RUNNER = ("import sys; from runner import host_memory; host_memory.ask_for_huge_pages(); "
-                          "import runner.engines as e; e.COMPILE_LOADER_MODULES = (); "
-                          "from runner.cli import main; sys.exit(main())")
-
-
-def gpu_mib_of(pid: int) -> int | None:
-    """What nvidia-smi says process `pid` holds on the GPU: 0 where it holds nothing, None without nvidia-smi."""
-    try:
-        done = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    rows = [line.split(",") for line in done.stdout.splitlines() if "," in line]
-    return sum(int(mib) for p, mib in rows if int(p) == pid)
-
-
 def prestarted_runner(ckpt: Path, args, emit) -> None:
     """The service's cold request: a `serve` runner started ahead (imports done while it waits, no
     GPU touched) and its first job, timed from the job line to the result, as `JobRunner` runs it.
     Entries of `args.cold_settings` as in `cold_runner`; `SWITCHES/noimport` leaves the compiled
     blocks' loader to the job (runner.engines.COMPILE_LOADER_MODULES emptied) for a side-by-side."""
-    from benchmarks.gpu_bench import Serve
+    from benchmarks.gpu_bench import Serve, nvsmi_process_mib
     from benchmarks.gpu_bench import make_source as wav_source
 
     work = Path(args.work)
@@ -139,7 +130,7 @@ def prestarted_runner(ckpt: Path, args, emit) -> None:
             setting, _, mode = entry.partition("/")
             serve = Serve(env={"ACESTEP_SPEEDUPS": setting, "ACESTEP_ENGINE": "diffusers"},
                           runner=["-c", NO_IMPORT_AHEAD_RUNNER] if mode == "noimport" else None)
-            idle_mib = gpu_mib_of(serve.proc.pid) if args.device == "cuda" else None
+            idle_mib = nvsmi_process_mib(serve.proc.pid) if args.device == "cuda" else None
             result, seconds = serve.job(**job)
             serve.close()
             row = {"ready_s": round(serve.ready_s, 2), "import_s": serve.import_s, "gpu_mib_while_waiting": idle_mib,

@@ -51,6 +51,17 @@ def nvsmi_used_mib() -> int | None:
     return int(value) if value else None
 
 
+def nvsmi_process_mib(pid: int) -> int | None:
+    """GPU memory process `pid` holds, per nvidia-smi: 0 where it holds none, None without a driver."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    rows = [line.split(",") for line in out.splitlines() if "," in line]
+    return sum(int(mib) for p, mib in rows if int(p) == pid)
+
+
 def higher(a: int | None, b: int | None) -> int | None:
     """The higher of two readings, either of which may be missing."""
     return b if a is None else a if b is None else max(a, b)
