@@ -22,6 +22,7 @@ from conftest import pid_alive, wait_for, wav_bytes
 from rq_cluster import Cluster, poll
 from test_web_gunicorn import _raw_multipart_request
 from tests.redis_server import RedisServer
+from webapp.queue_rq.cluster import rq_queue
 
 pytestmark = pytest.mark.slow
 
@@ -242,6 +243,16 @@ def _run_hung_job(cluster) -> tuple[str, int, object]:
     return task, index, host
 
 
+def _hold_off_heartbeat_expiry(cluster) -> list[str]:
+    """Move every running job's heartbeat expiry (its score in RQ's started-job registry) an hour
+    ahead, as if its worker had just beaten: neither a web host's poll nor a GPU worker's
+    maintenance will fail those jobs for lost heartbeats. Returns their ids."""
+    registry = rq_queue(cluster.redis.client()).started_job_registry
+    members = registry.connection.zrange(registry.key, 0, -1)
+    registry.connection.zadd(registry.key, {m: time.time() + 3600 for m in members}, xx=True)
+    return [registry.parse_job_id(m) for m in members]
+
+
 def test_sigterm_of_a_gpu_worker_puts_its_job_back_for_the_other(cluster):
     url = cluster.web.url
     task, index, host = _run_hung_job(cluster)
@@ -277,17 +288,19 @@ def test_sigkill_of_a_gpu_worker_mid_job(cluster):
     wait_for(lambda: not host.queue.holders, timeout=20, what="the lost job's tokens to be released")
     cluster.check_tokens()
 
-    # 2. The replacement starts at once: it fails its predecessor's job itself, before the lost
-    #    heartbeats could (WORKER_LOST_AFTER_S is 8 s here, far more than a worker takes to start),
-    #    and reclaims the runner and the tokens before its first job.
+    # 2. The replacement starts at once: it fails its predecessor's job itself, and reclaims the
+    #    runner and the tokens before its first job. So that nothing else can fail the job however
+    #    long the successor takes to start, the dead worker's job is made to look freshly beaten.
     task, index, host = _run_hung_job(cluster)
     runner_pids = cluster.watches[index].runner_pids(task)
     host.stop(signal.SIGKILL)
+    assert _hold_off_heartbeat_expiry(cluster) == [task]
     host.start()
     final, _ = poll(url, task, timeout=30)
-    assert final["error_code"] == "gpu_worker_lost"
+    assert final["error_code"] == "gpu_worker_lost", (final, host.events()[-5:])
     recovered = [e for e in host.events("worker_predecessor_recovered") if task in e["jobs_failed"]]
-    assert recovered, "the successor should have failed its predecessor's job"
+    assert recovered, ("the successor should have failed its predecessor's job", host.events()[-5:])
+    assert not rq_queue(cluster.redis.client()).started_job_registry.get_job_ids(cleanup=False)
     cluster.wait_workers(2)
     wait_for(lambda: not any(pid_alive(p) for p in runner_pids), timeout=20, what="the orphaned runner to be ended")
     wait_for(lambda: not host.queue.holders, timeout=20, what="the lost job's tokens to be released")
